@@ -1,0 +1,131 @@
+"""Blocks shared by the decoder families, written in `tvm.relax.frontend.nn`.
+
+Shapes: the decoders run one sequence (batch 1), so activations are [n, hidden] for n new tokens, and a
+layer's KV cache is a pair of tensors [p, n_kv_heads, head_dim] for p cached positions. Every block matches
+the Hugging Face module it is named after (the reference in tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import te
+from tvm import tirx as tir
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+F32 = "float32"
+
+
+class RMSNorm(nn.Module):
+    """HF Qwen2RMSNorm: `w * x / sqrt(mean(x^2) + eps)`, computed in float32, result in x's dtype."""
+
+    def __init__(self, size: int, eps: float, dtype: str):
+        self.weight = nn.Parameter((size,), dtype)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.rms_norm(x.astype(F32), self.weight.astype(F32), axes=[-1], epsilon=self.eps)
+        return y.astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """`down(silu(gate(x)) * up(x))` with gate and up fused into one matmul ([2*ffn, hidden] weight)."""
+
+    def __init__(self, hidden: int, ffn: int, dtype: str):
+        self.ffn = ffn
+        self.gate_up_proj = nn.Linear(hidden, 2 * ffn, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+def apply_rope(x: Tensor, offset: tir.PrimExpr, theta: float) -> Tensor:
+    """Rotary position embedding, HF's default type in rotate_half form.
+
+    x: [n, heads, head_dim]; row i is at position offset + i. As HF computes it, in float32:
+    inv_freq[k] = 1 / theta^(2k / head_dim), angle = position * inv_freq[k mod head_dim/2],
+    out = x * cos(angle) + rotate_half(x) * sin(angle), rotate_half(x) = [-x2, x1].
+    """
+
+    def compute(x: te.Tensor, offset: tir.PrimExpr):
+        _, _, dim = x.shape
+        half = dim // 2
+
+        def element(i, h, d):
+            k = tir.floormod(d, half)
+            exponent = (2 * k).astype(F32) / tir.const(int(dim), F32)
+            inv_freq = tir.const(1.0, F32) / tir.power(tir.const(theta, F32), exponent)
+            angle = (offset + i).astype(F32) * inv_freq
+            rotated = tir.if_then_else(d < half, -x[i, h, d + half], x[i, h, d - half])
+            value = x[i, h, d].astype(F32) * tir.cos(angle) + rotated.astype(F32) * tir.sin(angle)
+            return value.astype(x.dtype)
+
+        return te.compute(x.shape, element, name="rope")
+
+    return op.tensor_expr_op(compute, "rope", [x, offset])
+
+
+def masked_scores(scores: Tensor, window: int | None) -> Tensor:
+    """Causal (and, for a sliding layer, windowed) mask on float32 scores [heads, n, t].
+
+    The n queries are the last n of the t positions, so query i sits at position t - n + i. It sees key j
+    when j <= t - n + i, and on a sliding layer only when also j > t - n + i - window: the window holds
+    `window` keys including the query itself (HF's create_sliding_window_causal_mask). Masked entries get
+    float32's lowest value, as HF does, so a softmax gives them exactly zero weight.
+    """
+
+    def compute(s: te.Tensor):
+        _, n, t = s.shape
+        lowest = tir.min_value(F32)
+
+        def element(h, i, j):
+            query_pos = t - n + i
+            visible = j <= query_pos
+            if window is not None:
+                visible = tir.all(visible, j > query_pos - window)
+            return tir.if_then_else(visible, s[h, i, j], lowest)
+
+        return te.compute(s.shape, element, name="masked_scores")
+
+    return op.tensor_expr_op(compute, "masked_scores", [scores])
+
+
+class CausalSelfAttention(nn.Module):
+    """Grouped-query self-attention with a KV cache, RoPE and an optional sliding window.
+
+    Query head h reads kv head h // (heads / kv_heads), as HF's repeat_kv does. q/k/v are one fused
+    projection ([ (heads + 2*kv_heads) * head_dim, hidden ] weight); o_proj has no bias.
+    """
+
+    def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool,
+                 rope_theta: float, window: int | None, dtype: str):
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rope_theta, self.window = rope_theta, window
+        self.qkv_proj = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [n, hidden], past_k/v [p, kv, d] -> (out [n, hidden], k [p+n, kv, d], v [p+n, kv, d])."""
+        n = x.shape[0]
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = op.reshape(self.qkv_proj(x), (n, h + 2 * kv, d))
+        q, k, v = op.split(qkv, [h, h + kv], axis=1)
+        offset = past_k.shape[0]
+        q = apply_rope(q, offset, self.rope_theta)
+        k = apply_rope(k, offset, self.rope_theta)
+        k = op.concat([past_k, k], dim=0)  # [t, kv, d], t = p + n
+        v = op.concat([past_v, v], dim=0)
+
+        group = h // kv
+        keys = op.repeat(k, group, axis=1) if group > 1 else k  # [t, h, d], head h <- kv head h // group
+        values = op.repeat(v, group, axis=1) if group > 1 else v
+        q_hnd = op.permute_dims(q, [1, 0, 2])  # [h, n, d]
+        k_hdt = op.permute_dims(keys, [1, 2, 0])  # [h, d, t]
+        v_htd = op.permute_dims(values, [1, 0, 2])  # [h, t, d]
+        scores = op.matmul(q_hnd, k_hdt, out_dtype=F32) * (1.0 / math.sqrt(d))  # [h, n, t]
+        probs = op.softmax(masked_scores(scores, self.window), axis=-1).astype(x.dtype)
+        out = op.permute_dims(op.matmul(probs, v_htd), [1, 0, 2])  # [n, h, d]
+        return self.o_proj(op.reshape(out, (n, h * d))), k, v

@@ -1,0 +1,143 @@
+"""Model spec + target -> a library directory: export to Relax, build, package with a manifest.
+
+The library directory (written atomically) holds:
+  model.so        the TVM Relax VM executable (kernels + VM bytecode), no weights
+  manifest.json   what was built, for whom, and how to call it (see `MANIFEST_FORMAT`)
+Weights stay in the HF checkpoint and are passed at load time, so compiling needs no weight memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .atomic import atomic_dir, write_json
+from .errors import UserError
+from .targets import TargetSpec, resolve
+from .zoo import ModelSpec
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+MANIFEST_FORMAT = "qcompile-library/1"
+PACKED_PARAMS = "packed_params"  # nn.Module.export_tvm's name for the weights tuple
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _type_json(ty: Any) -> Any:
+    """A Relax type -> JSON: {"shape": [...], "dtype"} for tensors (symbolic dims by name), lists for
+    tuples. (TVM 0.27 calls struct info `ty`: relax.type.TensorType, ir.type.TupleType.)"""
+    if hasattr(ty, "fields"):
+        return [_type_json(f) for f in ty.fields]
+    if hasattr(ty, "dtype") and hasattr(ty, "shape"):
+        shape = [int(d.value) if hasattr(d, "value") else re.sub(r"T\.int64\((\d+)\)", r"\1", str(d))
+                 for d in ty.shape.values]
+        return {"shape": shape, "dtype": str(ty.dtype)}
+    return {"kind": type(ty).__name__}
+
+
+def function_signatures(mod: Any) -> dict[str, Any]:
+    """Each exported Relax function's inputs (name -> struct info) and output. The packed weights
+    tuple is summarised: it is the manifest's `parameters`, in order."""
+    from tvm import relax  # noqa: PLC0415
+
+    out = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function) and func.attrs and "global_symbol" in func.attrs:
+            out[gv.name_hint] = {
+                "inputs": {p.name: (_type_json(p.ty) if p.name != PACKED_PARAMS
+                                    else "parameters, as one tuple") for p in func.params},
+                "output": _type_json(func.ret_ty),
+            }
+    return out
+
+
+def versions() -> dict[str, str]:
+    import tvm  # noqa: PLC0415
+    import tvm_ffi  # noqa: PLC0415
+
+    return {"tvm": tvm.__version__, "tvm_commit": str(tvm.support.libinfo().get("GIT_COMMIT_HASH", "")),
+            "tvm_ffi": tvm_ffi.__version__, "qcompile": __version__}
+
+
+def _is_library_dir(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def compile_model(spec: ModelSpec, target: TargetSpec, out: Path, *, dtype: str | None = None,
+                  max_seq_len: int | None = None, log=print) -> dict[str, Any]:
+    """Build `spec` for `target` into directory `out` (replaced atomically); returns the manifest."""
+    import tvm  # noqa: PLC0415
+
+    dtype = dtype or target.dtype
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cfg = spec.config
+    context = cfg.max_position_embeddings
+    max_seq_len = context if max_seq_len is None else max_seq_len
+    if not 1 <= max_seq_len <= context:
+        raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
+                        f"got {max_seq_len}")
+    out = Path(out)
+    with atomic_dir(out, replaceable=_is_library_dir) as tmp:
+        tvm_target, target_record = resolve(target)
+        start = time.perf_counter()
+        log(f"[1/3] exporting {spec.name} ({spec.family.name}, {dtype}) to Relax")
+        module = spec.family.build(cfg, dtype)
+        mod, params = module.export_tvm(spec=module.export_spec())
+        log(f"[2/3] building for {target.name} ({target_record['target'].get('mcpu', '')})")
+        executable = tvm.compile(mod, tvm_target)
+        log(f"[3/3] writing {out}")
+        executable.export_library(str(tmp / LIBRARY))
+        parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype}
+                      for name, p in params]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "model": {"name": spec.name, "family": spec.family.name, "kind": spec.family.kind,
+                      "source": spec.source, "config": dataclasses.asdict(cfg)},
+            "target": target_record,
+            "dtype": dtype,
+            "max_seq_len": max_seq_len,
+            "prefill_chunk": min(target.prefill_chunk, max_seq_len),
+            "functions": function_signatures(mod),
+            "parameters": parameters,
+            "parameter_count": sum(math.prod(p["shape"]) for p in parameters),
+            "library": {"file": LIBRARY, "sha256": sha256_file(tmp / LIBRARY)},
+            "versions": versions(),
+            "tuning_database": None,  # no schedules applied yet: default (untuned) kernels
+            "build": {"seconds": round(time.perf_counter() - start, 2),
+                      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
+        }
+        write_json(tmp / MANIFEST, manifest)  # last: a directory with a manifest is complete
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: library directory not found")
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{directory}: not a qcompile library (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path}: format is not {MANIFEST_FORMAT}")
+    return manifest

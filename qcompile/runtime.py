@@ -1,0 +1,174 @@
+"""Load a built library with HF weights and run it: prefill, decode, greedy generate.
+
+The library is verified before its shared object is opened: sha256 against the manifest, the TVM
+version it was built with, and (CPU) that this machine has every CPU feature the build assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .models import FAMILIES
+from .pipeline import read_manifest, sha256_file
+from .schema import build_record
+from .targets import host_cpu_features
+from .weights import load_parameters
+from .zoo import ModelSpec, load_checkpoint_config
+
+
+def verify_library(directory: Path, manifest: dict[str, Any]) -> Path:
+    """Refuse a library that was altered, or built for another TVM or CPU. Returns the .so path."""
+    import tvm  # noqa: PLC0415
+
+    library = Path(directory) / manifest["library"]["file"]
+    if not library.is_file():
+        raise UserError(f"{library}: library file missing")
+    actual = sha256_file(library)
+    if actual != manifest["library"]["sha256"]:
+        raise UserError(f"{library}: sha256 {actual[:12]}… does not match the manifest's "
+                        f"{manifest['library']['sha256'][:12]}…; refusing to load")
+    built_with = manifest["versions"]["tvm"]
+    if built_with != tvm.__version__:
+        raise UserError(f"{directory}: built with TVM {built_with}, this runtime is TVM {tvm.__version__}")
+    target = manifest["target"]
+    if target["device"] != "cpu":
+        raise UserError(f"{directory}: built for device '{target['device']}'; this runtime runs cpu")
+    missing = sorted(set(target.get("cpu_features", ())) - host_cpu_features())
+    if missing:
+        raise UserError(f"{directory}: built for CPU {target['target'].get('mcpu')}; this CPU lacks "
+                        f"{', '.join(missing[:5])}")
+    return library
+
+
+def _spec_from_manifest(manifest: dict[str, Any]) -> ModelSpec:
+    model = manifest["model"]
+    family = FAMILIES[model["family"]]
+    config = build_record(family.config_class, model["config"], "manifest.json: model")
+    return ModelSpec(model["name"], family, config, source=model["source"])
+
+
+def _check_checkpoint_matches(spec: ModelSpec, weights: Path) -> None:
+    """A checkpoint's config.json must describe the library's model (else numbers would be wrong)."""
+    if not (Path(weights) / "config.json").is_file():
+        return  # bare safetensors: tensor names and shapes are still checked on load
+    theirs = load_checkpoint_config(weights).config.canonical()
+    for key, value in spec.config.canonical().items():
+        if theirs.get(key) != value:
+            raise UserError(f"{weights}: checkpoint's {key} is {theirs.get(key)!r}, "
+                            f"the library was built with {value!r}")
+
+
+@dataclasses.dataclass
+class GenerateStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        steps = self.new_tokens - 1  # the first new token comes from the prefill's logits
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+
+class Decoder:
+    """A decoder library loaded with weights. One sequence at a time (batch 1).
+
+    prefill(ids) starts a new sequence and returns float32 logits [len(ids), vocab];
+    decode(token) appends one token and returns logits [vocab];
+    generate(ids, max_new_tokens) runs greedy decoding and returns the new token ids.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path):
+        import tvm  # noqa: PLC0415
+        from tvm import relax  # noqa: PLC0415
+
+        self.manifest = manifest
+        self.spec = _spec_from_manifest(manifest)
+        cfg = self.spec.config
+        library = verify_library(directory, manifest)
+        _check_checkpoint_matches(self.spec, weights)
+        params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
+        self.device = tvm.cpu(0)
+        arrays = load_parameters(self.spec, weights, params)
+        self._params = [tvm.runtime.tensor(a, self.device) for a in arrays]
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
+        self._tensor = tvm.runtime.tensor
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = manifest["max_seq_len"]
+        self.prefill_chunk = manifest["prefill_chunk"]
+        entry = (cfg.num_key_value_heads, cfg.resolved_head_dim)
+        self._empty_cache = [np.zeros((0, *entry), manifest["dtype"])] * (2 * cfg.num_hidden_layers)
+        self._cache: Any = None
+        self.position = 0  # tokens in the current sequence
+        self.last_stats: GenerateStats | None = None
+
+    def _check_ids(self, ids: Any, what: str) -> np.ndarray:
+        array = np.asarray(ids)
+        if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+            raise UserError(f"{what}: expected a non-empty 1-D sequence of integer token ids")
+        bad = array[(array < 0) | (array >= self.vocab_size)]
+        if bad.size:
+            raise UserError(f"{what}: token id {int(bad[0])} is out of range 0..{self.vocab_size - 1}")
+        if self.position + array.size > self.max_seq_len:
+            raise UserError(f"{what}: sequence would reach {self.position + array.size} tokens, "
+                            f"the library's max_seq_len is {self.max_seq_len}")
+        return array.astype(np.int32)
+
+    def _run(self, function: str, ids: np.ndarray) -> np.ndarray:
+        logits, self._cache = self._vm[function](self._tensor(ids, self.device), self._cache, self._params)
+        self.position += ids.size
+        return logits.numpy()
+
+    def prefill(self, ids: Any) -> np.ndarray:
+        """Start a new sequence with `ids`; float32 logits [len(ids), vocab]."""
+        self.position = 0
+        ids = self._check_ids(ids, "prompt")
+        self._cache = [self._tensor(c, self.device) for c in self._empty_cache]
+        chunks = [ids[i:i + self.prefill_chunk] for i in range(0, ids.size, self.prefill_chunk)]
+        return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token to the current sequence; float32 logits [vocab] for the next position."""
+        if self._cache is None:
+            raise UserError("decode: no sequence started; call prefill first")
+        return self._run("decode", self._check_ids([token], "decode token"))[0]
+
+    def generate(self, ids: Any, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding: the new token ids (at most `max_new_tokens`, stopping after eos)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        prompt = self._check_ids(ids, "prompt")
+        if prompt.size + max_new_tokens > self.max_seq_len:
+            raise UserError(f"prompt ({prompt.size}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"library's max_seq_len {self.max_seq_len}")
+        start = time.perf_counter()
+        logits = self.prefill(prompt)[-1]
+        prefill_seconds = time.perf_counter() - start
+        new: list[int] = []
+        start = time.perf_counter()
+        while len(new) < max_new_tokens:
+            if new:
+                logits = self.decode(new[-1])
+            new.append(int(np.argmax(logits)))
+            if new[-1] == eos_token_id:
+                break
+        self.last_stats = GenerateStats(prompt.size, len(new), prefill_seconds,
+                                        time.perf_counter() - start)
+        return np.array(new, dtype=np.int64)
+
+
+def load(directory: str | Path, *, weights: str | Path) -> Decoder:
+    """Open a library directory (verified) with an HF checkpoint's weights."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    kind = manifest["model"]["kind"]
+    if kind != "decoder":
+        raise UserError(f"{directory}: model kind '{kind}' has no runtime yet")
+    return Decoder(directory, manifest, Path(weights))
