@@ -19,7 +19,7 @@ def compile_model(model: str | os.PathLike, *, target: str = "cpu", out: str | o
                                   max_seq_len=max_seq_len, log=log)
 
 
-def init_weights(model: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, std: float = 0.08,
+def init_weights(model: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, std: float = 0.15,
                  max_shard_bytes: int = 2 << 30) -> Path:
     """Write a random-weight HF checkpoint (config.json + safetensors) for MODEL to OUT (atomic)."""
     return weights.write_random_checkpoint(zoo.resolve_model(model), Path(out), seed=seed, std=std,

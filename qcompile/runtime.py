@@ -107,7 +107,9 @@ class Decoder:
         self._empty_cache = [np.zeros((0, *entry), manifest["dtype"])] * (2 * cfg.num_hidden_layers)
         self._cache: Any = None
         self.position = 0  # tokens in the current sequence
-        self.last_stats: GenerateStats | None = None
+        self.last_stats: GenerateStats | None = None  # of the last generate()
+        self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
+        self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
 
     def _check_ids(self, ids: Any, what: str) -> np.ndarray:
         array = np.asarray(ids)
@@ -149,18 +151,22 @@ class Decoder:
             raise UserError(f"prompt ({prompt.size}) + max_new_tokens ({max_new_tokens}) exceeds the "
                             f"library's max_seq_len {self.max_seq_len}")
         start = time.perf_counter()
-        logits = self.prefill(prompt)[-1]
+        self.last_prompt_logits = self.prefill(prompt)
         prefill_seconds = time.perf_counter() - start
+        logits = self.last_prompt_logits[-1]
         new: list[int] = []
+        steps: list[np.ndarray] = []
         start = time.perf_counter()
         while len(new) < max_new_tokens:
             if new:
                 logits = self.decode(new[-1])
+            steps.append(logits)
             new.append(int(np.argmax(logits)))
             if new[-1] == eos_token_id:
                 break
         self.last_stats = GenerateStats(prompt.size, len(new), prefill_seconds,
                                         time.perf_counter() - start)
+        self.last_step_logits = np.stack(steps) if steps else np.zeros((0, self.vocab_size), np.float32)
         return np.array(new, dtype=np.int64)
 
 

@@ -106,7 +106,7 @@ def random_tensors(spec: ModelSpec, *, seed: int, std: float) -> Iterable[tuple[
         yield name, (noise + 1.0 if "norm" in name else noise)
 
 
-def write_random_checkpoint(spec: ModelSpec, out: Path, *, seed: int = 0, std: float = 0.08,
+def write_random_checkpoint(spec: ModelSpec, out: Path, *, seed: int = 0, std: float = 0.15,
                             max_shard_bytes: int = 2 << 30) -> Path:
     """Write config.json + random safetensors (sharded above `max_shard_bytes`) to `out`, atomically."""
     def replaceable(d: Path) -> bool:

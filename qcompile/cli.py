@@ -1,0 +1,223 @@
+"""The `qcompile` command line: parses, calls `qcompile.api`, prints (tables, or JSON with --json).
+
+A user error exits with status 2 and one line on stderr; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) like every other user error."""
+
+    def error(self, message: str):  # noqa: D102
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """'3 14 15' or '3,14,15' -> [3, 14, 15]; a non-numeric entry is a UserError naming it."""
+    ids = []
+    for item in text.replace(",", " ").split():
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise UserError(f"--prompt-ids: {item!r} is not a token id (integers separated by spaces)")
+    if not ids:
+        raise UserError("--prompt-ids: no token ids given")
+    return ids
+
+
+def cmd_zoo_list(args) -> None:
+    from . import api
+
+    models = api.list_models()
+    if args.json:
+        return _emit_json([{"name": n, "family": s.family.name, "description": s.description}
+                           for n, s in models.items()])
+    _print_table([[n, s.family.name, s.description] for n, s in models.items()],
+                 ["MODEL", "FAMILY", "DESCRIPTION"])
+
+
+def cmd_zoo_show(args) -> None:
+    from . import api
+
+    summary = api.show_model(args.model)
+    if args.json:
+        return _emit_json(summary)
+    print(f"{summary['name']}  ({summary['family']}; from {summary['source']})")
+    if summary["description"]:
+        print(f"  {summary['description']}")
+    print(f"  parameters: {summary['parameters']:,}")
+    for key, value in summary["config"].items():
+        print(f"  {key}: {value}")
+
+
+def cmd_targets_list(args) -> None:
+    from . import api
+
+    targets = api.list_targets()
+    if args.json:
+        return _emit_json({n: {"description": t.description, "target": t.target, "device": t.device,
+                               "dtype": t.dtype} for n, t in targets.items()})
+    _print_table([[n, t.device, t.dtype, t.description] for n, t in targets.items()],
+                 ["TARGET", "DEVICE", "DTYPE", "DESCRIPTION"])
+
+
+def cmd_compile(args) -> None:
+    from . import api
+
+    log = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    manifest = api.compile_model(args.model, target=args.target, out=args.output, dtype=args.dtype,
+                                 max_seq_len=args.max_seq_len, log=log)
+    if args.json:
+        return _emit_json({"output": str(args.output), **{k: manifest[k] for k in (
+            "model", "target", "dtype", "max_seq_len", "parameter_count", "library", "build")}})
+    print(f"built {manifest['model']['name']} for {args.target} in {manifest['build']['seconds']} s: "
+          f"{args.output} ({manifest['parameter_count']:,} parameters, {manifest['dtype']})")
+
+
+def cmd_init_weights(args) -> None:
+    from . import api
+
+    out = api.init_weights(args.model, out=args.output, seed=args.seed, std=args.std,
+                           max_shard_bytes=int(args.max_shard_mb * (1 << 20)))
+    print(f"wrote random weights for {args.model} (seed {args.seed}, std {args.std}) to {out}")
+
+
+def cmd_run(args) -> None:
+    from . import api
+    from .atomic import save_npy
+
+    prompt = parse_token_ids(args.prompt_ids)
+    if args.logits_out is not None and not Path(args.logits_out).parent.is_dir():
+        raise UserError(f"--logits-out: directory {Path(args.logits_out).parent} does not exist")
+    model = api.load(args.library, weights=args.weights)
+    new = model.generate(prompt, args.max_new_tokens, eos_token_id=args.eos_id)
+    stats = model.last_stats
+    if args.logits_out is not None:
+        save_npy(Path(args.logits_out), model.last_prompt_logits)
+    result = {"prompt_ids": prompt, "generated_ids": new.tolist(),
+              "prefill_seconds": stats.prefill_seconds, "decode_tokens_per_s": stats.decode_tokens_per_s}
+    if args.json:
+        return _emit_json(result)
+    print("generated:", " ".join(map(str, result["generated_ids"])))
+    rate = stats.decode_tokens_per_s
+    print(f"prefill {len(prompt)} tokens: {stats.prefill_seconds * 1e3:.1f} ms; decode: "
+          + (f"{rate:.1f} tokens/s" if rate else "n/a (fewer than 2 new tokens)"))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.model, workdir=args.workdir, prompt_len=args.prompt_len,
+             max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qcompile", description=(
+        "Compile Qwen-family models with Apache TVM into verified libraries, and run them. MODEL is a "
+        "name from zoo.yaml or a Hugging Face checkpoint directory (config.json [+ safetensors])."))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    zoo = sub.add_parser("zoo", help="list or show the models of zoo.yaml")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    p = zoo_sub.add_parser("list", help="every model in the zoo")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_zoo_list)
+    p = zoo_sub.add_parser("show", help="one model's resolved config and parameter count")
+    p.add_argument("model", help="zoo name or HF checkpoint directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_zoo_show)
+
+    targets = sub.add_parser("targets", help="list the build targets in targets/")
+    targets_sub = targets.add_subparsers(dest="targets_command", required=True, parser_class=_Parser)
+    p = targets_sub.add_parser("list", help="every target file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_targets_list)
+
+    p = sub.add_parser("compile", help="build MODEL for a target into a library directory")
+    p.add_argument("model", help="zoo name or HF checkpoint directory")
+    p.add_argument("--target", default="cpu", help="a target in targets/ (default: cpu)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="library directory to write (replaced atomically if it is a previous library)")
+    p.add_argument("--dtype", help="compute dtype (default: the target's; float32 on cpu)")
+    p.add_argument("--max-seq-len", type=_positive_int,
+                   help="longest sequence (prompt + new tokens) the library accepts; default: the "
+                        "model's max_position_embeddings")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("init-weights", help="write a random-weight HF checkpoint for MODEL")
+    p.add_argument("model", help="zoo name or HF checkpoint directory")
+    p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=_positive_int, default=0, help="random seed (default 0)")
+    p.add_argument("--std", type=float, default=0.15,
+                   help="weight std (default 0.15; HF's 0.02 makes tiny models repeat one token)")
+    p.add_argument("--max-shard-mb", type=float, default=2048,
+                   help="shard the safetensors above this size, with an index file (default 2048)")
+    p.set_defaults(func=cmd_init_weights)
+
+    p = sub.add_parser("run", help="generate greedily with a built library")
+    p.add_argument("library", type=Path, help="library directory (from `qcompile compile`)")
+    p.add_argument("--weights", type=Path, required=True, help="HF checkpoint directory")
+    p.add_argument("--prompt-ids", required=True, help='prompt token ids, e.g. "3 14 15"')
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate (16)")
+    p.add_argument("--eos-id", type=_positive_int, help="stop after generating this token id")
+    p.add_argument("--logits-out", type=Path, help="save the prompt's logits, float32 [prompt_len, vocab]")
+    p.add_argument("--json", action="store_true",
+                   help="print {prompt_ids, generated_ids, prefill_seconds, decode_tokens_per_s}")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="compile, make random weights, generate beside transformers")
+    p.add_argument("model", nargs="?", default="qwen2-sw-debug", help="zoo model (qwen2-sw-debug)")
+    p.add_argument("--workdir", type=Path, default=Path("build/demo"),
+                   help="where the library and checkpoint go (build/demo)")
+    p.add_argument("--prompt-len", type=_positive_int, default=24, help="random prompt length (24)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate (16)")
+    p.add_argument("--seed", type=_positive_int, default=0, help="seed for weights and prompt (0)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UserError as e:
+        print(f"qcompile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
