@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny HF checkpoints written by transformers itself, and libraries compiled once per
+session (a tiny model compiles in ~2 s on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import qcompile  # noqa: E402
+from qcompile import targets  # noqa: E402
+
+# Float32 logits must agree with transformers to this fraction of the logit scale (from targets/cpu.yaml).
+CPU_TOLERANCE = targets.load_target("cpu").tolerance["float32"]
+
+TINY_QWEN2 = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def write_hf_checkpoint(directory: Path, *, seed: int = 0, std: float = 0.15, dtype=None, **fields) -> Path:
+    """A random Qwen2ForCausalLM saved by transformers' own save_pretrained (config.json as HF writes it).
+
+    Every weight and bias is N(0, std) and norm weights 1 + N(0, std): HF's default init (std 0.02, zero
+    biases, unit norms) would leave the biases and norms untested and makes greedy output degenerate.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY_QWEN2, **fields}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, std)
+            if "norm" in name:
+                param.add_(1.0)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+class Libraries:
+    """Compile-once cache: (model, options) -> library directory."""
+
+    def __init__(self, root: Path):
+        self.root, self.built = root, {}
+
+    def get(self, model: str | Path, **options) -> Path:
+        key = (str(model), tuple(sorted(options.items())))
+        if key not in self.built:
+            out = self.root / f"lib{len(self.built)}"
+            qcompile.compile_model(model, out=out, log=lambda _m: None, **options)
+            self.built[key] = out
+        return self.built[key]
+
+
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory) -> Libraries:
+    return Libraries(tmp_path_factory.mktemp("libraries"))
+
+
+@pytest.fixture(scope="session")
+def debug_checkpoint(tmp_path_factory) -> Path:
+    """Random weights for the zoo's qwen2-debug, written by `qcompile init-weights`."""
+    return qcompile.init_weights("qwen2-debug", out=tmp_path_factory.mktemp("ckpt") / "qwen2-debug")
+
+
+@pytest.fixture(scope="session")
+def debug_library(libraries) -> Path:
+    return libraries.get("qwen2-debug", max_seq_len=64)
+
+
+def max_rel_diff(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max |ours - ref| as a fraction of the reference's logit scale (max |ref|)."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
