@@ -18,6 +18,12 @@ from typing import Any
 from .errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: Path, *, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `dest` when the block succeeds.
@@ -36,6 +42,7 @@ def atomic_dir(dest: Path, *, replaceable: Callable[[Path], bool]) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; publish with the usual permissions
         if dest.exists():  # swap: old -> trash, new -> dest, drop trash
             trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
             os.rename(dest, trash / "old")
@@ -58,6 +65,7 @@ def write_json(path: Path, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -74,6 +82,7 @@ def save_npy(path: Path, array: Any) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, np.asarray(array), allow_pickle=False)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
