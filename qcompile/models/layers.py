@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import math
 
-from tvm import te
+from tvm import relax, te
 from tvm import tirx as tir
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 F32 = "float32"
+
+
+class Embedding(nn.Module):
+    """Token embedding: weight [vocab, hidden]; ids [n] -> [n, hidden].
+
+    Gathers with `mode="clip"`: the runtime rejects out-of-range ids before any call, and clipping keeps
+    a stray id from reading out of bounds (TVM's default "fast" gather would, and warns at every build).
+    """
+
+    def __init__(self, vocab: int, hidden: int, dtype: str):
+        self.weight = nn.Parameter((vocab, hidden), dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return op.wrap_nested(relax.op.take(self.weight._expr, ids._expr, axis=0, mode="clip"),
+                              name="embedding")
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..errors import UserError
 from ..schema import hf_rope_theta, positive
-from .layers import F32, CausalSelfAttention, RMSNorm, SwiGLU
+from .layers import F32, CausalSelfAttention, Embedding, RMSNorm, SwiGLU
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 
@@ -129,7 +129,7 @@ class Qwen2DecoderLayer(nn.Module):
 
 class Qwen2Model(nn.Module):
     def __init__(self, cfg: Qwen2Config, dtype: str):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.layers = nn.ModuleList([Qwen2DecoderLayer(cfg, w, dtype) for w in cfg.layer_windows()])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
