@@ -75,7 +75,22 @@ def debug_library(libraries) -> Path:
     return libraries.get("qwen2-debug", max_seq_len=64)
 
 
+# Largest relative logit difference seen per test (the worst case of each comparison), for the summary.
+MEASURED: dict[str, float] = {}
+
+
 def max_rel_diff(ours: np.ndarray, ref: np.ndarray) -> float:
-    """max |ours - ref| as a fraction of the reference's logit scale (max |ref|)."""
+    """max |ours - ref| as a fraction of the reference's logit scale (max |ref|); recorded per test."""
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+    diff = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0].split("::", 1)[-1]
+    MEASURED[test] = max(diff, MEASURED.get(test, 0.0))
+    return diff
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the measured logit differences vs transformers, so every run shows the figures."""
+    if MEASURED:
+        terminalreporter.section("max |logit diff| / logit scale vs transformers (float32, cpu)")
+        for test, diff in sorted(MEASURED.items()):
+            terminalreporter.write_line(f"{diff:9.2e}  {test}")
