@@ -146,21 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
         "name from zoo.yaml or a Hugging Face checkpoint directory (config.json [+ safetensors])."))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    def listing(group, name: str, help: str, func) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
     zoo = sub.add_parser("zoo", help="list or show the models of zoo.yaml")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
-    p = zoo_sub.add_parser("list", help="every model in the zoo")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_zoo_list)
-    p = zoo_sub.add_parser("show", help="one model's resolved config and parameter count")
-    p.add_argument("model", help="zoo name or HF checkpoint directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_zoo_show)
+    listing(zoo_sub, "list", "every model in the zoo", cmd_zoo_list)
+    listing(zoo_sub, "show", "one model's resolved config and parameter count", cmd_zoo_show) \
+        .add_argument("model", help="zoo name or HF checkpoint directory")
 
     targets = sub.add_parser("targets", help="list the build targets in targets/")
     targets_sub = targets.add_subparsers(dest="targets_command", required=True, parser_class=_Parser)
-    p = targets_sub.add_parser("list", help="every target file")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_targets_list)
+    listing(targets_sub, "list", "every target file", cmd_targets_list)
 
     p = sub.add_parser("compile", help="build MODEL for a target into a library directory")
     p.add_argument("model", help="zoo name or HF checkpoint directory")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import math
 import re
 import time
@@ -21,6 +20,7 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_dir, write_json
 from .errors import UserError
+from .schema import read_json_object
 from .targets import TargetSpec, resolve
 from .zoo import ModelSpec
 
@@ -132,12 +132,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise UserError(f"{directory}: library directory not found")
     path = directory / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{directory}: not a qcompile library (no {MANIFEST})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    manifest = read_json_object(path, missing=f"{directory}: not a qcompile library (no {MANIFEST})")
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path}: format is not {MANIFEST_FORMAT}")
     return manifest

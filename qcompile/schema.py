@@ -7,8 +7,10 @@ checks unknown keys, types and positivity generically; the family's own `check()
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -100,3 +102,16 @@ def hf_rope_theta(hf: dict[str, Any], where: str, default: float) -> float:
     if not _matches(theta, float):
         raise UserError(f"{where}: field 'rope_theta' must be float, got {theta!r}")
     return float(theta)
+
+
+def read_json_object(path: Path, *, missing: str) -> dict[str, Any]:
+    """A JSON object from `path`; a missing file raises UserError(missing), bad content names the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must hold a JSON object")
+    return data

@@ -7,7 +7,6 @@ tensors fill each library parameter (fused ones are concatenated along axis 0).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.numpy import save_file
 
 from .atomic import atomic_dir, write_json
 from .errors import UserError
+from .schema import read_json_object
 from .zoo import ModelSpec
 
 SINGLE_FILE = "model.safetensors"
@@ -35,10 +35,9 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file that holds it."""
     index = directory / INDEX_FILE
     if index.exists():
-        try:
-            mapping = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
+        mapping = read_json_object(index, missing=f"{index}: missing").get("weight_map")
+        if not isinstance(mapping, dict):
+            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object)")
         files = {name: directory / file for name, file in mapping.items()}
         for file in set(files.values()):
             if not file.is_file():

@@ -8,7 +8,6 @@ the same mistakes get the same one-line errors, naming the model (or file) and t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import yaml
 
 from .errors import UserError
 from .models import FAMILIES, Family, family_for_hf_type
-from .schema import build_record
+from .schema import build_record, read_json_object
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 META_FIELDS = ("family", "description")  # model keys that are not config fields
@@ -86,14 +85,7 @@ def load_checkpoint_config(directory: Path) -> ModelSpec:
     """A model given as an HF checkpoint directory: its config.json through the family's schema."""
     directory = Path(directory)
     path = directory / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{directory}: not a model directory (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{path}: must hold a JSON object")
+    hf = read_json_object(path, missing=f"{directory}: not a model directory (no config.json)")
     model_type = hf.get("model_type")
     family = family_for_hf_type(model_type)
     if family is None:
