@@ -79,52 +79,88 @@ def _is_library_dir(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def compile_model(spec: ModelSpec, target: TargetSpec, out: Path, *, dtype: str | None = None,
-                  max_seq_len: int | None = None, log=print) -> dict[str, Any]:
-    """Build `spec` for `target` into directory `out` (replaced atomically); returns the manifest."""
-    import tvm  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """A validated build request, resolved for this machine, before any compilation."""
 
+    spec: ModelSpec
+    target: TargetSpec
+    tvm_target: Any
+    target_record: dict[str, Any]  # resolved target dict, device, CPU features
+    dtype: str
+    max_seq_len: int
+    prefill_chunk: int
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides the built library's bytes and manifest (not the model's name)."""
+        from tvm.target import codegen  # noqa: PLC0415
+
+        return {"family": self.spec.family.name, "config": self.spec.config.canonical(),
+                "target": self.target_record["target"], "device": self.target_record["device"],
+                "dtype": self.dtype, "max_seq_len": self.max_seq_len, "prefill_chunk": self.prefill_chunk,
+                "versions": versions(), "toolchain": {"llvm": int(codegen.llvm_version_major())},
+                "tuning_database": None}
+
+
+def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
+               max_seq_len: int | None = None) -> BuildPlan:
+    """Check the build options and resolve the target for this machine (UserError on bad input)."""
     dtype = dtype or target.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    cfg = spec.config
-    context = cfg.max_position_embeddings
+    context = spec.config.max_position_embeddings
     max_seq_len = context if max_seq_len is None else max_seq_len
     if not 1 <= max_seq_len <= context:
         raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
                         f"got {max_seq_len}")
-    out = Path(out)
-    with atomic_dir(out, replaceable=_is_library_dir) as tmp:
-        tvm_target, target_record = resolve(target)
-        start = time.perf_counter()
-        log(f"[1/3] exporting {spec.name} ({spec.family.name}, {dtype}) to Relax")
-        module = spec.family.build(cfg, dtype)
-        mod, params = module.export_tvm(spec=module.export_spec())
-        log(f"[2/3] building for {target.name} ({target_record['target'].get('mcpu', '')})")
-        executable = tvm.compile(mod, tvm_target)
-        log(f"[3/3] writing {out}")
-        executable.export_library(str(tmp / LIBRARY))
-        parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype}
-                      for name, p in params]
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "model": {"name": spec.name, "family": spec.family.name, "kind": spec.family.kind,
-                      "source": spec.source, "config": dataclasses.asdict(cfg)},
-            "target": target_record,
-            "dtype": dtype,
-            "max_seq_len": max_seq_len,
-            "prefill_chunk": min(target.prefill_chunk, max_seq_len),
-            "functions": function_signatures(mod),
-            "parameters": parameters,
-            "parameter_count": sum(math.prod(p["shape"]) for p in parameters),
-            "library": {"file": LIBRARY, "sha256": sha256_file(tmp / LIBRARY)},
-            "versions": versions(),
-            "tuning_database": None,  # no schedules applied yet: default (untuned) kernels
-            "build": {"seconds": round(time.perf_counter() - start, 2),
-                      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
-        }
-        write_json(tmp / MANIFEST, manifest)  # last: a directory with a manifest is complete
+    tvm_target, target_record = resolve(target)
+    return BuildPlan(spec, target, tvm_target, target_record, dtype, max_seq_len,
+                     prefill_chunk=min(target.prefill_chunk, max_seq_len))
+
+
+def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, Any]:
+    """Build into the (empty, private) `directory`: model.so, then manifest.json last. Not atomic by
+    itself: callers publish the directory with a rename (`compile_model`, the registry)."""
+    import tvm  # noqa: PLC0415
+
+    spec, start = plan.spec, time.perf_counter()
+    log(f"[1/3] exporting {spec.name} ({spec.family.name}, {plan.dtype}) to Relax")
+    module = spec.family.build(spec.config, plan.dtype)
+    mod, params = module.export_tvm(spec=module.export_spec())
+    log(f"[2/3] building for {plan.target.name} ({plan.target_record['target'].get('mcpu', '')})")
+    executable = tvm.compile(mod, plan.tvm_target)
+    log("[3/3] writing the library")
+    executable.export_library(str(directory / LIBRARY))
+    parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype}
+                  for name, p in params]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model": {"name": spec.name, "family": spec.family.name, "kind": spec.family.kind,
+                  "source": spec.source, "config": dataclasses.asdict(spec.config)},
+        "target": plan.target_record,
+        "dtype": plan.dtype,
+        "max_seq_len": plan.max_seq_len,
+        "prefill_chunk": plan.prefill_chunk,
+        "functions": function_signatures(mod),
+        "parameters": parameters,
+        "parameter_count": sum(math.prod(p["shape"]) for p in parameters),
+        "library": {"file": LIBRARY, "sha256": sha256_file(directory / LIBRARY)},
+        "versions": versions(),
+        "tuning_database": None,  # no schedules applied yet: default (untuned) kernels
+        "identity": plan.identity(),
+        "build": {"seconds": round(time.perf_counter() - start, 2),
+                  "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
+    }
+    write_json(directory / MANIFEST, manifest)  # last: a directory with a manifest is complete
     return manifest
+
+
+def compile_model(spec: ModelSpec, target: TargetSpec, out: Path, *, dtype: str | None = None,
+                  max_seq_len: int | None = None, log=print) -> dict[str, Any]:
+    """Build `spec` for `target` into directory `out` (replaced atomically); returns the manifest."""
+    plan = plan_build(spec, target, dtype=dtype, max_seq_len=max_seq_len)
+    with atomic_dir(Path(out), replaceable=_is_library_dir) as tmp:
+        return write_library(plan, tmp, log=log)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

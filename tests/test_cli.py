@@ -84,17 +84,32 @@ def test_bad_zoo_field_through_the_cli(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_failure_inside_the_build_leaves_nothing(capsys, tmp_path, monkeypatch):
+def test_target_tvm_rejects_is_a_user_error(capsys, tmp_path, monkeypatch):
     targets = tmp_path / "targets"
     targets.mkdir()
     (targets / "bogus.yaml").write_text(yaml.safe_dump({
         "description": "a kind TVM does not know", "target": {"kind": "no-such-kind"}, "device": "cpu",
         "dtype": "float32", "tolerance": {"float32": 1e-4}}))
     monkeypatch.setenv("QCOMPILE_TARGETS", str(targets))
-    out_parent = tmp_path / "builds"
     assert_user_error(capsys, "TVM rejects the target dict", "compile", "qwen2-debug", "--target", "bogus",
-                      "-o", out_parent / "lib")
-    assert list(out_parent.iterdir()) == []
+                      "-o", tmp_path / "builds" / "lib")
+    assert not (tmp_path / "builds").exists()
+
+
+def test_interrupted_build_leaves_nothing_and_keeps_the_old_library(capsys, tmp_path, monkeypatch):
+    """Ctrl-C after model.so is written but before the manifest: no new output, old library intact."""
+    out = tmp_path / "lib"
+    assert run_cli(capsys, "compile", "qwen2-debug", "-o", out, "--max-seq-len", 16)[0] == 0
+    before = (out / "manifest.json").read_text()
+
+    def interrupt(_path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qcompile.pipeline.sha256_file", interrupt)
+    code, _, err = run_cli(capsys, "compile", "qwen2-debug", "-o", out, "--max-seq-len", 32)
+    assert code == 130 and "interrupted" in err
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib"]  # the temporary is gone
 
 
 def test_output_that_is_not_a_library_is_not_overwritten(capsys, tmp_path):
