@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import pipeline, runtime, targets, weights, zoo
+from . import pipeline, registry, runtime, targets, weights, zoo
+from .atomic import atomic_dir
+from .errors import UserError
+
+
+def _plan(model, target: str, dtype: str | None, max_seq_len: int | None) -> pipeline.BuildPlan:
+    return pipeline.plan_build(zoo.resolve_model(model), targets.load_target(target), dtype=dtype,
+                               max_seq_len=max_seq_len)
 
 
 def compile_model(model: str | os.PathLike, *, target: str = "cpu", out: str | os.PathLike,
                   dtype: str | None = None, max_seq_len: int | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build MODEL for TARGET into library directory OUT (atomic); returns the manifest."""
-    spec = zoo.resolve_model(model)
-    return pipeline.compile_model(spec, targets.load_target(target), Path(out), dtype=dtype,
-                                  max_seq_len=max_seq_len, log=log)
+    plan = _plan(model, target, dtype, max_seq_len)
+    with atomic_dir(Path(out), replaceable=pipeline.is_library_dir) as tmp:
+        return pipeline.write_library(plan, tmp, log=log)
+
+
+def register_model(model: str | os.PathLike, *, target: str = "cpu", dtype: str | None = None,
+                   max_seq_len: int | None = None, copy_to: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = print) -> tuple[registry.Entry, bool]:
+    """Build MODEL for TARGET into the registry unless an identical build is there; optionally copy the
+    entry to a library directory COPY_TO (atomic). Returns (the entry, whether it was built now)."""
+    plan = _plan(model, target, dtype, max_seq_len)
+    store = registry.Registry()
+    key, built = store.publish(plan, log=log)
+    entry = store.entry(key)
+    if copy_to is not None:
+        with atomic_dir(Path(copy_to), replaceable=pipeline.is_library_dir) as tmp:
+            for name in (pipeline.LIBRARY, pipeline.MANIFEST):
+                shutil.copy2(entry.path / name, tmp / name)
+    return entry, built
 
 
 def init_weights(model: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, std: float = 0.15,
@@ -26,9 +50,23 @@ def init_weights(model: str | os.PathLike, *, out: str | os.PathLike, seed: int 
                                            max_shard_bytes=max_shard_bytes)
 
 
-def load(directory: str | os.PathLike, *, weights: str | os.PathLike) -> runtime.Decoder:
-    """Open a verified library directory with an HF checkpoint's weights."""
-    return runtime.load(directory, weights=weights)
+def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLike,
+         model: str | os.PathLike | None = None, target: str = "cpu", dtype: str | None = None,
+         max_seq_len: int | None = None) -> runtime.Decoder:
+    """Open a verified library with an HF checkpoint's weights: a library DIRECTORY, or the registry's
+    entry for MODEL built for TARGET with the same options (held in use until `.close()`)."""
+    if (directory is None) == (model is None):
+        raise UserError("load: give either a library directory or model=")
+    if directory is not None:
+        return runtime.load(directory, weights=weights)
+    plan = _plan(model, target, dtype, max_seq_len)
+    path, fd = registry.Registry().open_for_load(registry.key_of(plan.identity()),
+                                                 what=f"{plan.spec.name} for {target}")
+    try:
+        return runtime.load(path, weights=weights, lock_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def list_models() -> dict[str, zoo.ModelSpec]:

@@ -93,14 +93,24 @@ def cmd_targets_list(args) -> None:
 def cmd_compile(args) -> None:
     from . import api
 
+    if args.output is None and not args.register:
+        raise UserError("compile: give -o DIR, --register, or both")
     log = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
-    manifest = api.compile_model(args.model, target=args.target, out=args.output, dtype=args.dtype,
-                                 max_seq_len=args.max_seq_len, log=log)
+    options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=log)
+    if args.register:
+        entry, built = api.register_model(args.model, copy_to=args.output, **options)
+        manifest = entry.manifest
+        where = f"{'new' if built else 'existing'} registry entry {entry.key[:12]} ({entry.path})"
+    else:
+        manifest, where = api.compile_model(args.model, out=args.output, **options), str(args.output)
     if args.json:
-        return _emit_json({"output": str(args.output), **{k: manifest[k] for k in (
-            "model", "target", "dtype", "max_seq_len", "parameter_count", "library", "build")}})
-    print(f"built {manifest['model']['name']} for {args.target} in {manifest['build']['seconds']} s: "
-          f"{args.output} ({manifest['parameter_count']:,} parameters, {manifest['dtype']})")
+        return _emit_json({"output": str(args.output) if args.output else None,
+                           "registry_key": entry.key if args.register else None,
+                           **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
+                                                       "parameter_count", "library", "build")}})
+    print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
+          f"{manifest['dtype']}, build took {manifest['build']['seconds']} s): {where}"
+          + (f", copied to {args.output}" if args.register and args.output else ""))
 
 
 def cmd_init_weights(args) -> None:
@@ -118,7 +128,11 @@ def cmd_run(args) -> None:
     prompt = parse_token_ids(args.prompt_ids)
     if args.logits_out is not None and not Path(args.logits_out).parent.is_dir():
         raise UserError(f"--logits-out: directory {Path(args.logits_out).parent} does not exist")
-    model = api.load(args.library, weights=args.weights)
+    if (args.library / "manifest.json").is_file():
+        model = api.load(args.library, weights=args.weights)
+    else:  # a MODEL: its registry entry for these build options
+        model = api.load(weights=args.weights, model=args.library, target=args.target, dtype=args.dtype,
+                         max_seq_len=args.max_seq_len)
     new = model.generate(prompt, args.max_new_tokens, eos_token_id=args.eos_id)
     stats = model.last_stats
     if args.logits_out is not None:
@@ -133,6 +147,63 @@ def cmd_run(args) -> None:
           + (f"{rate:.1f} tokens/s" if rate else "n/a (fewer than 2 new tokens)"))
 
 
+def _registry():
+    from .registry import Registry
+
+    return Registry()
+
+
+def cmd_registry_list(args) -> None:
+    entries = [e.summary() for e in _registry().list()]
+    if args.json:
+        return _emit_json(entries)
+    _print_table([[e["key"][:12], e["model"], e["target"], e["dtype"], str(e["max_seq_len"]),
+                   f"{e['size_bytes'] / 2**20:.1f} MiB", e["created"], e["last_used"]] for e in entries],
+                 ["KEY", "MODEL", "TARGET", "DTYPE", "MAX_SEQ", "SIZE", "CREATED", "LAST_USED"])
+
+
+def cmd_registry_show(args) -> None:
+    store = _registry()
+    entry = store.entry(store.resolve_key(args.key))
+    if args.json:
+        return _emit_json({**entry.summary(), "identity": entry.manifest["identity"]})
+    for key, value in {**entry.summary(), "identity": json.dumps(entry.manifest["identity"])}.items():
+        print(f"{key}: {value}")
+
+
+def cmd_registry_verify(args) -> None:
+    store = _registry()
+    keys = [store.resolve_key(args.key)] if args.key else [e.name for e in sorted(store.entries.iterdir())]
+    report = {key: store.verify(key) for key in keys}
+    if args.json:
+        _emit_json([{"key": k, "ok": not p, "problems": p} for k, p in report.items()])
+    else:
+        for key, problems in report.items():
+            print(f"{key[:12]}  {'ok' if not problems else 'DAMAGED: ' + '; '.join(problems)}")
+    damaged = [k for k, p in report.items() if p]
+    if damaged:
+        raise UserError(f"registry verify: {len(damaged)} of {len(report)} entries damaged "
+                        f"(first: {damaged[0][:12]})")
+
+
+def cmd_registry_rm(args) -> None:
+    store = _registry()
+    key = store.resolve_key(args.key)
+    store.remove(key)
+    print(f"removed {key[:12]}")
+
+
+def cmd_registry_gc(args) -> None:
+    from .registry import parse_size
+
+    result = _registry().gc(parse_size(args.max_size))
+    if args.json:
+        return _emit_json(result)
+    print(f"removed {len(result['removed'])} entries; {len(result['kept_in_use'])} over the bound kept "
+          f"because in use; now {result['total_bytes'] / 2**20:.1f} MiB (bound "
+          f"{result['max_bytes'] / 2**20:.1f} MiB)")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -145,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Compile Qwen-family models with Apache TVM into verified libraries, and run them. MODEL is a "
         "name from zoo.yaml or a Hugging Face checkpoint directory (config.json [+ safetensors])."))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def build_options(p, dtype_help="compute dtype (default: the target's; float32 on cpu)",
+                      seq_help="longest sequence (prompt + new tokens) the library accepts; default: "
+                               "the model's max_position_embeddings"):
+        p.add_argument("--dtype", help=dtype_help)
+        p.add_argument("--max-seq-len", type=_positive_int, help=seq_help)
 
     def listing(group, name: str, help: str, func) -> argparse.ArgumentParser:
         p = group.add_parser(name, help=help)
@@ -165,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="build MODEL for a target into a library directory")
     p.add_argument("model", help="zoo name or HF checkpoint directory")
     p.add_argument("--target", default="cpu", help="a target in targets/ (default: cpu)")
-    p.add_argument("-o", "--output", type=Path, required=True,
+    p.add_argument("-o", "--output", type=Path,
                    help="library directory to write (replaced atomically if it is a previous library)")
-    p.add_argument("--dtype", help="compute dtype (default: the target's; float32 on cpu)")
-    p.add_argument("--max-seq-len", type=_positive_int,
-                   help="longest sequence (prompt + new tokens) the library accepts; default: the "
-                        "model's max_position_embeddings")
+    p.add_argument("--register", action="store_true",
+                   help="store the library in the registry ($QCOMPILE_HOME, default ~/.cache/qcompile); "
+                        "an identical build already there is reused")
+    build_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compile)
 
@@ -185,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init_weights)
 
     p = sub.add_parser("run", help="generate greedily with a built library")
-    p.add_argument("library", type=Path, help="library directory (from `qcompile compile`)")
+    p.add_argument("library", type=Path, metavar="LIBRARY|MODEL",
+                   help="a library directory, or a MODEL whose registry entry (for --target and the "
+                        "build options below, as given to compile --register) is loaded")
+    p.add_argument("--target", default="cpu", help="with a MODEL: the target it was built for (cpu)")
+    build_options(p, dtype_help="with a MODEL: its build dtype", seq_help="with a MODEL: its --max-seq-len")
     p.add_argument("--weights", type=Path, required=True, help="HF checkpoint directory")
     p.add_argument("--prompt-ids", required=True, help='prompt token ids, e.g. "3 14 15"')
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate (16)")
@@ -194,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print {prompt_ids, generated_ids, prefill_seconds, decode_tokens_per_s}")
     p.set_defaults(func=cmd_run)
+
+    registry = sub.add_parser("registry", help="the store of built libraries (compile --register)")
+    registry_sub = registry.add_subparsers(dest="registry_command", required=True, parser_class=_Parser)
+    listing(registry_sub, "list", "entries, most recently used first, with sizes and ages",
+            cmd_registry_list)
+    listing(registry_sub, "show", "one entry and its build identity", cmd_registry_show) \
+        .add_argument("key", help="entry key or a unique prefix (>= 6 hex digits)")
+    listing(registry_sub, "verify", "re-hash every file of every entry (or of KEY); exit 2 if damaged",
+            cmd_registry_verify).add_argument("key", nargs="?", help="entry key or prefix")
+    p = registry_sub.add_parser("rm", help="remove an entry (refused while it is in use)")
+    p.add_argument("key", help="entry key or a unique prefix")
+    p.set_defaults(func=cmd_registry_rm)
+    listing(registry_sub, "gc", "evict least-recently-used entries above a size bound (never one in "
+            "use) and clear crashed builds", cmd_registry_gc) \
+        .add_argument("--max-size", required=True, help="size bound, e.g. 500M or 20G")
 
     p = sub.add_parser("demo", help="compile, make random weights, generate beside transformers")
     p.add_argument("model", nargs="?", default="qwen2-sw-debug", help="zoo model (qwen2-sw-debug)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib.metadata
 import math
 import re
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import atomic_dir, write_json
+from .atomic import write_json
 from .errors import UserError
 from .schema import read_json_object
 from .targets import TargetSpec, resolve
@@ -67,15 +68,26 @@ def function_signatures(mod: Any) -> dict[str, Any]:
     return out
 
 
+def tvm_build_id() -> str:
+    """Which TVM binaries these are: a digest of the sha256s that the wheel's RECORD lists for its
+    shared libraries (the wheel carries no commit hash; this tells apart two builds of one version)."""
+    try:
+        record = importlib.metadata.distribution("apache-tvm").read_text("RECORD") or ""
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed from a wheel)"
+    libraries = sorted(line for line in record.splitlines() if re.search(r"/libtvm[^/]*\.so,", line))
+    return hashlib.sha256("\n".join(libraries).encode()).hexdigest()[:16] if libraries else "unknown"
+
+
 def versions() -> dict[str, str]:
     import tvm  # noqa: PLC0415
     import tvm_ffi  # noqa: PLC0415
 
-    return {"tvm": tvm.__version__, "tvm_commit": str(tvm.support.libinfo().get("GIT_COMMIT_HASH", "")),
-            "tvm_ffi": tvm_ffi.__version__, "qcompile": __version__}
+    return {"tvm": tvm.__version__, "tvm_build": tvm_build_id(), "tvm_ffi": tvm_ffi.__version__,
+            "qcompile": __version__}
 
 
-def _is_library_dir(path: Path) -> bool:
+def is_library_dir(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
@@ -120,7 +132,7 @@ def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
 
 def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, Any]:
     """Build into the (empty, private) `directory`: model.so, then manifest.json last. Not atomic by
-    itself: callers publish the directory with a rename (`compile_model`, the registry)."""
+    itself: callers publish the directory with a rename (`api.compile_model`, the registry)."""
     import tvm  # noqa: PLC0415
 
     spec, start = plan.spec, time.perf_counter()
@@ -153,14 +165,6 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
     }
     write_json(directory / MANIFEST, manifest)  # last: a directory with a manifest is complete
     return manifest
-
-
-def compile_model(spec: ModelSpec, target: TargetSpec, out: Path, *, dtype: str | None = None,
-                  max_seq_len: int | None = None, log=print) -> dict[str, Any]:
-    """Build `spec` for `target` into directory `out` (replaced atomically); returns the manifest."""
-    plan = plan_build(spec, target, dtype=dtype, max_seq_len=max_seq_len)
-    with atomic_dir(Path(out), replaceable=_is_library_dir) as tmp:
-        return write_library(plan, tmp, log=log)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

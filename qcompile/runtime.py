@@ -7,6 +7,7 @@ version it was built with, and (CPU) that this machine has every CPU feature the
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,11 @@ class Decoder:
     generate(ids, max_new_tokens) runs greedy decoding and returns the new token ids.
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path):
+    def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
         import tvm  # noqa: PLC0415
         from tvm import relax  # noqa: PLC0415
 
+        self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
         self.manifest = manifest
         self.spec = _spec_from_manifest(manifest)
         cfg = self.spec.config
@@ -110,6 +112,15 @@ class Decoder:
         self.last_stats: GenerateStats | None = None  # of the last generate()
         self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
         self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
+
+    def close(self) -> None:
+        """Release the registry entry (if loaded from one) so gc may evict it."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self):
+        self.close()
 
     def _check_ids(self, ids: Any, what: str) -> np.ndarray:
         array = np.asarray(ids)
@@ -170,11 +181,12 @@ class Decoder:
         return np.array(new, dtype=np.int64)
 
 
-def load(directory: str | Path, *, weights: str | Path) -> Decoder:
-    """Open a library directory (verified) with an HF checkpoint's weights."""
+def load(directory: str | Path, *, weights: str | Path, lock_fd: int | None = None) -> Decoder:
+    """Open a library directory (verified) with an HF checkpoint's weights. `lock_fd`, if given, is a
+    registry lock the model holds until `close()`."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     kind = manifest["model"]["kind"]
     if kind != "decoder":
         raise UserError(f"{directory}: model kind '{kind}' has no runtime yet")
-    return Decoder(directory, manifest, Path(weights))
+    return Decoder(directory, manifest, Path(weights), lock_fd)
