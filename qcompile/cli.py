@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,9 @@ def cmd_run(args) -> None:
     prompt = parse_token_ids(args.prompt_ids)
     if args.logits_out is not None and not Path(args.logits_out).parent.is_dir():
         raise UserError(f"--logits-out: directory {Path(args.logits_out).parent} does not exist")
-    if (args.library / "manifest.json").is_file():
-        model = api.load(args.library, weights=args.weights)
+    looks_like_path = os.sep in str(args.library) or str(args.library).startswith(".")
+    if (args.library / "manifest.json").is_file() or (looks_like_path and not args.library.exists()):
+        model = api.load(args.library, weights=args.weights)  # reports a missing library directory
     else:  # a MODEL: its registry entry for these build options
         model = api.load(weights=args.weights, model=args.library, target=args.target, dtype=args.dtype,
                          max_seq_len=args.max_seq_len)
