@@ -112,15 +112,21 @@ class CausalSelfAttention(nn.Module):
     """Grouped-query self-attention with a KV cache, RoPE and an optional sliding window.
 
     Query head h reads kv head h // (heads / kv_heads), as HF's repeat_kv does. q/k/v are one fused
-    projection ([ (heads + 2*kv_heads) * head_dim, hidden ] weight); o_proj has no bias.
+    projection ([ (heads + 2*kv_heads) * head_dim, hidden ] weight). With `qk_norm_eps` (Qwen3), q and k
+    get a per-head RMSNorm over head_dim before RoPE.
     """
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool,
-                 rope_theta: float, window: int | None, dtype: str):
+                 o_bias: bool, rope_theta: float, window: int | None, qk_norm_eps: float | None,
+                 dtype: str):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rope_theta, self.window = rope_theta, window
         self.qkv_proj = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype)
+        self.qk_norm = qk_norm_eps is not None
+        if self.qk_norm:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
 
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [n, hidden], past_k/v [p, kv, d] -> (out [n, hidden], k [p+n, kv, d], v [p+n, kv, d])."""
@@ -128,6 +134,8 @@ class CausalSelfAttention(nn.Module):
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qkv = op.reshape(self.qkv_proj(x), (n, h + 2 * kv, d))
         q, k, v = op.split(qkv, [h, h + kv], axis=1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         offset = past_k.shape[0]
         q = apply_rope(q, offset, self.rope_theta)
         k = apply_rope(k, offset, self.rope_theta)

@@ -1,0 +1,230 @@
+"""What every decoder family shares: the config fields and checks, the HF config.json reading, the causal
+LM skeleton (embedding -> layers -> norm -> LM head) with its prefill/decode entry points, and the HF
+tensor names of attention. A family adds its fields, its layer, and its MLP's tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from ..errors import UserError
+from ..schema import hf_rope_theta, positive
+from .layers import F32, CausalSelfAttention, Embedding, RMSNorm
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Fields every Qwen decoder has (Hugging Face names)."""
+
+    vocab_size: int = positive()
+    hidden_size: int = positive()
+    intermediate_size: int = positive()
+    num_hidden_layers: int = positive()
+    num_attention_heads: int = positive()
+    num_key_value_heads: int = positive()
+    max_position_embeddings: int = positive()
+    rms_norm_eps: float = positive()
+    rope_theta: float = positive()
+    tie_word_embeddings: bool
+    hidden_act: str
+    use_sliding_window: bool
+    sliding_window: int | None = positive(None)
+    head_dim: int | None = positive(None)  # absent: hidden_size / num_attention_heads
+
+    # Fields whose meaning `layer_windows()` captures; `canonical()` replaces them by it.
+    WINDOW_FIELDS = ("use_sliding_window", "sliding_window")
+
+    def check(self, where: str) -> None:
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads % kv:
+            raise UserError(f"{where}: field 'num_key_value_heads' ({kv}) must divide "
+                            f"num_attention_heads ({heads})")
+        if self.head_dim is None and self.hidden_size % heads:
+            raise UserError(f"{where}: field 'hidden_size' ({self.hidden_size}) must be a multiple of "
+                            f"num_attention_heads ({heads}) when head_dim is not given")
+        if self.resolved_head_dim % 2:
+            raise UserError(f"{where}: head dimension {self.resolved_head_dim} must be even for RoPE")
+        if self.hidden_act != "silu":
+            raise UserError(f"{where}: field 'hidden_act' must be 'silu', got {self.hidden_act!r}")
+        if self.use_sliding_window and self.sliding_window is not None \
+                and self.sliding_window > self.max_position_embeddings:
+            raise UserError(f"{where}: field 'sliding_window' ({self.sliding_window}) is larger than the "
+                            f"context max_position_embeddings ({self.max_position_embeddings})")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def layer_windows(self) -> list[int | None]:
+        """Per layer, the sliding window or None (full attention). Default: one window for all layers
+        when `use_sliding_window` (Qwen3-MoE); Qwen2 derives it per layer."""
+        window = self.sliding_window if self.use_sliding_window else None
+        return [window] * self.num_hidden_layers
+
+    def canonical(self) -> dict[str, Any]:
+        """What decides the computation, one spelling per meaning (for keys and checkpoint checks)."""
+        fields = dataclasses.asdict(self)
+        for key in (*self.WINDOW_FIELDS, "head_dim"):
+            del fields[key]
+        return {**fields, "head_dim": self.resolved_head_dim, "layer_windows": self.layer_windows()}
+
+
+def config_from_hf(cls: type, hf: dict[str, Any], where: str, defaults: dict[str, Any],
+                   aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """HF config.json -> `cls` fields: HF's defaults filled in, RoPE read from either spelling, alias
+    names (e.g. num_local_experts -> num_experts) mapped; HF keys `cls` does not have are dropped."""
+    hf = dict(hf)
+    for alias, name in (aliases or {}).items():
+        if alias in hf:
+            if name in hf and hf[name] != hf[alias]:
+                raise UserError(f"{where}: fields '{alias}' ({hf[alias]}) and '{name}' ({hf[name]}) disagree")
+            hf[name] = hf.pop(alias)
+    names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta"}
+    values = {**defaults, **{k: v for k, v in hf.items() if k in names}}
+    values["rope_theta"] = hf_rope_theta(hf, where, default=defaults["rope_theta"])
+    if values.get("num_key_value_heads") is None and "num_attention_heads" in values:
+        values["num_key_value_heads"] = values["num_attention_heads"]
+    return values
+
+
+def attention(cfg: DecoderConfig, window: int | None, dtype: str, *, qkv_bias: bool, o_bias: bool = False,
+              qk_norm: bool = False) -> CausalSelfAttention:
+    return CausalSelfAttention(
+        hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.resolved_head_dim, qkv_bias=qkv_bias, o_bias=o_bias, rope_theta=cfg.rope_theta,
+        window=window, qk_norm_eps=cfg.rms_norm_eps if qk_norm else None, dtype=dtype)
+
+
+def attention_hf_tensors(cfg: DecoderConfig, prefix: str, *, qkv_bias: bool, o_bias: bool = False,
+                         qk_norm: bool = False) -> Shapes:
+    """HF names and shapes of one layer's attention (`prefix` = model.layers.N.self_attn)."""
+    hidden, hd = cfg.hidden_size, cfg.resolved_head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    t: Shapes = {}
+    for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        t[f"{prefix}.{name}.weight"] = (rows, hidden)
+        if qkv_bias:
+            t[f"{prefix}.{name}.bias"] = (rows,)
+    t[f"{prefix}.o_proj.weight"] = (hidden, q)
+    if o_bias:
+        t[f"{prefix}.o_proj.bias"] = (hidden,)
+    if qk_norm:
+        t[f"{prefix}.q_norm.weight"] = (hd,)
+        t[f"{prefix}.k_norm.weight"] = (hd,)
+    return t
+
+
+def swiglu_hf_tensors(hidden: int, ffn: int, prefix: str) -> Shapes:
+    return {f"{prefix}.gate_proj.weight": (ffn, hidden), f"{prefix}.up_proj.weight": (ffn, hidden),
+            f"{prefix}.down_proj.weight": (hidden, ffn)}
+
+
+def decoder_hf_tensors(cfg: DecoderConfig, layer_tensors: Callable[[int, str], Shapes]) -> Shapes:
+    """Every tensor of an HF causal-LM checkpoint: embedding, per-layer norms + the family's layer
+    tensors, final norm, and lm_head unless tied."""
+    hidden = cfg.hidden_size
+    t: Shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = (hidden,)
+        t |= layer_tensors(i, p)
+        t[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+    t["model.norm.weight"] = (hidden,)
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = (cfg.vocab_size, hidden)
+    return t
+
+
+# Library parameter <- HF tensors: q/k/v fuse into qkv_proj, gate/up into gate_up_proj (axis 0).
+FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_weight_map(hf_names) -> dict[str, list[str]]:
+    """Library parameter -> HF tensors concatenated along axis 0 (fused projections), else itself."""
+    m: dict[str, list[str]] = {}
+    for name in hf_names:
+        target = name
+        for into, parts in FUSED_PROJECTIONS.items():
+            for part in parts:
+                target = target.replace(f".{part}.", f".{into}.")
+        m.setdefault(target, []).append(name)
+    return m
+
+
+def parameter_count(shapes: Shapes) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). The family chooses attn and mlp."""
+
+    def __init__(self, cfg: DecoderConfig, self_attn: nn.Module, mlp: nn.Module, dtype: str):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = mlp
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor):
+        attn, k, v = self.self_attn(self.input_layernorm(x), past_k, past_v)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layers: list[DecoderLayer], dtype: str):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class CausalLM(nn.Module):
+    """Entry points `prefill` (n tokens) and `decode` (1 token); both extend the KV cache.
+
+    kv_cache: 2 * num_layers tensors [p, kv_heads, head_dim] (k0, v0, k1, v1, ...), p positions so far.
+    Returns float32 logits [n, vocab] for every new position and the extended cache ([p + n, ...]).
+    """
+
+    def __init__(self, cfg: DecoderConfig, layers: list[DecoderLayer], dtype: str):
+        self.cfg, self.dtype = cfg, dtype
+        self.model = DecoderModel(cfg, layers, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+
+    def _forward(self, input_ids: Tensor, kv_cache: list[Tensor]):
+        x = self.model.embed_tokens(input_ids)  # [n, hidden]
+        new_cache = []
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = layer(x, kv_cache[2 * i], kv_cache[2 * i + 1])
+            new_cache += [k, v]
+        x = self.model.norm(x)
+        if self.cfg.tie_word_embeddings:
+            logits = op.matmul(x, op.permute_dims(self.model.embed_tokens.weight))
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(F32), new_cache
+
+    def prefill(self, input_ids: Tensor, kv_cache: list[Tensor]):
+        return self._forward(input_ids, kv_cache)
+
+    def decode(self, input_ids: Tensor, kv_cache: list[Tensor]):
+        return self._forward(input_ids, kv_cache)
+
+    def export_spec(self) -> dict[str, Any]:
+        """The entry points' argument specs for `export_tvm` (n, p symbolic; weights packed last)."""
+        cfg = self.cfg
+        entry = [cfg.num_key_value_heads, cfg.resolved_head_dim]
+        modes = {"param_mode": "packed", "effect_mode": "none"}
+        cache = [nn.spec.Tensor(["p", *entry], self.dtype) for _ in range(2 * cfg.num_hidden_layers)]
+        return {
+            "prefill": {"input_ids": nn.spec.Tensor(["n"], "int32"), "kv_cache": cache, "$": modes},
+            "decode": {"input_ids": nn.spec.Tensor([1], "int32"), "kv_cache": list(cache), "$": modes},
+        }
