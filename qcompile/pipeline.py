@@ -156,6 +156,7 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "functions": function_signatures(mod),
         "parameters": parameters,
         "parameter_count": sum(math.prod(p["shape"]) for p in parameters),
+        "active_parameter_count": spec.family.active_parameter_count(spec.config),
         "library": {"file": LIBRARY, "sha256": sha256_file(directory / LIBRARY)},
         "versions": versions(),
         "tuning_database": None,  # no schedules applied yet: default (untuned) kernels

@@ -57,38 +57,60 @@ def load_parameters(spec: ModelSpec, directory: Path,
                     params: Iterable[tuple[str, list[int], str]]) -> list[np.ndarray]:
     """The library's parameters (name, shape, dtype), in order, filled from an HF checkpoint.
 
-    Every checkpoint tensor must be used and have its HF shape; errors name the tensor.
+    Every checkpoint tensor must be used and have its HF shape; errors name the tensor. A fused tensor
+    the family declares (`checkpoint_views`) stands for the HF tensors it contains.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: checkpoint directory not found")
     files = _tensor_files(directory)
     expected = spec.family.hf_tensors(spec.config)
-    unexpected = [n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    views = spec.family.checkpoint_views(spec.config)
+    unexpected = [n for n in files if n not in expected and n not in views
+                  and not n.endswith(IGNORED_SUFFIXES)]
     if unexpected:
         raise UserError(f"{directory}: unexpected tensor '{unexpected[0]}' for model {spec.name}")
+    # HF tensor -> (stored tensor, index into it or None)
+    sources = {name: (name, None) for name in files}
+    for fused in (v for v in views if v in files):
+        sources |= {name: (fused, index) for name, index in views[fused].items()}
     handles: dict[Path, object] = {}
+    last_read: dict[str, np.ndarray] = {}  # one stored tensor: a fused one is sliced many times
+
+    def stored(name: str) -> np.ndarray:
+        if name not in last_read:
+            path = files[name]
+            try:
+                if path not in handles:
+                    handles[path] = safe_open(path, framework="numpy")
+                last_read.clear()
+                last_read[name] = handles[path].get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
+        return last_read[name]
 
     def read(name: str) -> np.ndarray:
-        if name not in files:
+        if name not in sources:
             raise UserError(f"{directory}: missing tensor '{name}'")
-        path = files[name]
-        try:
-            if path not in handles:
-                handles[path] = safe_open(path, framework="numpy")
-            array = handles[path].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
+        stored_name, index = sources[name]
+        array = stored(stored_name) if index is None else stored(stored_name)[index]
         if tuple(array.shape) != tuple(expected[name]):
-            raise UserError(f"{path}: tensor '{name}' has shape {list(array.shape)}, "
+            within = "" if index is None else f" (from '{stored_name}')"
+            raise UserError(f"{files[stored_name]}: tensor '{name}'{within} has shape {list(array.shape)}, "
                             f"expected {list(expected[name])}")
         return array
+
+    def assemble(recipe: list) -> np.ndarray:
+        """A list of names: concatenated along axis 0; a list of lists: stacked along a new axis 0."""
+        if isinstance(recipe[0], list):
+            return np.stack([assemble(part) for part in recipe])
+        parts = [read(n) for n in recipe]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     mapping = spec.family.weight_map(spec.config)
     out = []
     for name, shape, dtype in params:
-        parts = [read(hf_name) for hf_name in mapping[name]]
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        array = assemble(mapping[name])
         assert list(array.shape) == list(shape), (name, array.shape, shape)  # a family bug, not input
         out.append(np.ascontiguousarray(array.astype(dtype, copy=False)))
     return out

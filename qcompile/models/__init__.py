@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from . import qwen2
+from . import decoder, qwen2, qwen3_moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +19,18 @@ class Family:
     config_to_hf: Callable[[Any], dict[str, Any]]
     build: Callable[[Any, str], Any]  # (config, dtype) -> nn.Module with export_spec()
     hf_tensors: Callable[[Any], dict[str, tuple[int, ...]]]  # checkpoint tensor -> shape
-    weight_map: Callable[[Any], dict[str, list[str]]]  # library parameter -> HF tensors (concat axis 0)
+    # Library parameter -> HF tensors: a list concatenated along axis 0, or a list of such lists
+    # stacked along a new axis 0.
+    weight_map: Callable[[Any], dict[str, list]]
     tensor_parallel_plan: dict[str, str]
+    # Parameters one token touches (the total for dense families).
+    active_parameter_count: Callable[[Any], int]
+    # Fused tensors a checkpoint may hold instead of several HF tensors: name -> {tensor: index}.
+    checkpoint_views: Callable[[Any], dict[str, dict[str, tuple]]] = lambda _cfg: {}
+
+
+def _total(hf_tensors):
+    return lambda cfg: decoder.parameter_count(hf_tensors(cfg))
 
 
 FAMILIES: dict[str, Family] = {
@@ -28,7 +38,14 @@ FAMILIES: dict[str, Family] = {
         name="qwen2", kind="decoder", config_class=qwen2.Qwen2Config, hf_model_types=("qwen2",),
         config_from_hf=qwen2.config_from_hf, config_to_hf=qwen2.config_to_hf, build=qwen2.build,
         hf_tensors=qwen2.hf_tensors, weight_map=qwen2.weight_map,
-        tensor_parallel_plan=qwen2.TENSOR_PARALLEL_PLAN),
+        tensor_parallel_plan=qwen2.TENSOR_PARALLEL_PLAN, active_parameter_count=_total(qwen2.hf_tensors)),
+    "qwen3_moe": Family(
+        name="qwen3_moe", kind="decoder", config_class=qwen3_moe.Qwen3MoeConfig,
+        hf_model_types=("qwen3_moe",), config_from_hf=qwen3_moe.config_from_hf,
+        config_to_hf=qwen3_moe.config_to_hf, build=qwen3_moe.build, hf_tensors=qwen3_moe.hf_tensors,
+        weight_map=qwen3_moe.weight_map, tensor_parallel_plan=qwen3_moe.TENSOR_PARALLEL_PLAN,
+        active_parameter_count=qwen3_moe.active_parameter_count,
+        checkpoint_views=qwen3_moe.checkpoint_views),
 }
 
 

@@ -17,19 +17,24 @@ from tvm.relax.frontend.nn import Tensor, op
 F32 = "float32"
 
 
+def gather(x: Tensor, indices: Tensor, axis: int = 0) -> Tensor:
+    """`take` along `axis` with indices clipped into range: TVM's default "fast" gather reads out of
+    bounds on a bad index (and warns at every build). Our indices are in range by construction or
+    checked by the runtime, so clipping never changes a result."""
+    return op.wrap_nested(relax.op.take(x._expr, indices._expr, axis=axis, mode="clip"), name="gather")
+
+
 class Embedding(nn.Module):
     """Token embedding: weight [vocab, hidden]; ids [n] -> [n, hidden].
 
-    Gathers with `mode="clip"`: the runtime rejects out-of-range ids before any call, and clipping keeps
-    a stray id from reading out of bounds (TVM's default "fast" gather would, and warns at every build).
+    The runtime rejects out-of-range ids before any call; `gather` clips them anyway.
     """
 
     def __init__(self, vocab: int, hidden: int, dtype: str):
         self.weight = nn.Parameter((vocab, hidden), dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return op.wrap_nested(relax.op.take(self.weight._expr, ids._expr, axis=0, mode="clip"),
-                              name="embedding")
+        return gather(self.weight, ids)
 
 
 class RMSNorm(nn.Module):
@@ -152,3 +157,74 @@ class CausalSelfAttention(nn.Module):
         probs = op.softmax(masked_scores(scores, self.window), axis=-1).astype(x.dtype)
         out = op.permute_dims(op.matmul(probs, v_htd), [1, 0, 2])  # [n, h, d]
         return self.o_proj(op.reshape(out, (n, h * d))), k, v
+
+
+def gathered_matmul(x: Tensor, weights: Tensor, expert: Tensor) -> Tensor:
+    """out[i] = weights[expert[i]] @ x[i]: x [m, k], weights [experts, r, k], expert [m] int32 -> [m, r].
+
+    Each row reads only its own expert's matrix, so the cost follows the rows routed, not the number of
+    experts. Products accumulate in float32.
+    """
+
+    def compute(x: te.Tensor, w: te.Tensor, expert: te.Tensor):
+        m, k = x.shape
+        r = w.shape[1]
+        reduce = te.reduce_axis((0, k), name="k")
+        acc = te.compute((m, r), lambda i, j: te.sum(
+            x[i, reduce].astype(F32) * w[expert[i], j, reduce].astype(F32), axis=reduce), name="acc")
+        return te.compute((m, r), lambda i, j: acc[i, j].astype(x.dtype), name="gathered_matmul")
+
+    return op.tensor_expr_op(compute, "gathered_matmul", [x, weights, expert])
+
+
+class SparseMoE(nn.Module):
+    """HF Qwen3MoeSparseMoeBlock: router -> softmax (float32) -> top-k -> optional renormalisation ->
+    weighted sum of the chosen experts' SwiGLU MLPs. Executed sparsely:
+
+    the n*k (token, slot) pairs are sorted by expert, so rows of one expert are contiguous; each row is
+    multiplied by its own expert's weights only (`gathered_matmul`), then weighted, put back in
+    (token, slot) order and summed over the k slots. Decode (n = 1) touches k experts, not all of them.
+    Weights: gate [experts, hidden] (router), experts.gate_up_proj [experts, 2*ffn, hidden] (gate rows
+    first), experts.down_proj [experts, hidden, ffn] (HF's in-memory layout).
+    """
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, norm_topk_prob: bool,
+                 dtype: str):
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
+        self.experts = MoEExperts(hidden, ffn, num_experts, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, hidden = x.shape
+        k = self.top_k
+        probs = op.softmax(self.gate(x).astype(F32), axis=-1)  # [n, experts]
+        weights, experts = op.topk(probs, k, axis=-1, ret_type="both", largest=True, dtype="int32")
+        if self.norm_topk_prob:
+            weights = weights / op.sum(weights, axis=-1, keepdims=True)
+        weights = weights.astype(x.dtype)  # [n, k]
+
+        flat_experts = op.reshape(experts, (n * k,))  # row t*k + s: token t, slot s
+        order = op.argsort(flat_experts, dtype="int32")  # rows grouped by expert
+        sorted_experts = gather(flat_experts, order)
+        rows = gather(x, order_to_token(order, k))  # [n*k, hidden]
+        out = self.experts(rows, sorted_experts)  # [n*k, hidden]
+        out = out * op.unsqueeze(gather(op.reshape(weights, (n * k,)), order), -1)
+        unsorted = gather(out, op.argsort(order, dtype="int32"))  # back to (token, slot) order
+        return op.sum(op.reshape(unsorted, (n, k, hidden)), axis=1)
+
+
+def order_to_token(order: Tensor, k: int) -> Tensor:
+    """Row index t*k + s of the flattened (token, slot) pairs -> token t."""
+    return op.tensor_expr_op(lambda o: te.compute(o.shape, lambda i: tir.floordiv(o[i], k), name="token"),
+                             "row_token", [order])
+
+
+class MoEExperts(nn.Module):
+    def __init__(self, hidden: int, ffn: int, num_experts: int, dtype: str):
+        self.gate_up_proj = nn.Parameter((num_experts, 2 * ffn, hidden), dtype)
+        self.down_proj = nn.Parameter((num_experts, hidden, ffn), dtype)
+
+    def forward(self, rows: Tensor, expert: Tensor) -> Tensor:
+        """rows [m, hidden], expert [m] -> SwiGLU of each row through its expert, [m, hidden]."""
+        gate, up = op.split(gathered_matmul(rows, self.gate_up_proj, expert), 2, axis=-1)
+        return gathered_matmul(op.silu(gate) * up, self.down_proj, expert)
