@@ -34,12 +34,15 @@ def register_model(model: str | os.PathLike, *, target: str = "cpu", dtype: str 
     entry to a library directory COPY_TO (atomic). Returns (the entry, whether it was built now)."""
     plan = _plan(model, target, dtype, max_seq_len)
     store = registry.Registry()
-    key, built = store.publish(plan, log=log)
-    entry = store.entry(key)
-    if copy_to is not None:
-        with atomic_dir(Path(copy_to), replaceable=pipeline.is_library_dir) as tmp:
-            for name in (pipeline.LIBRARY, pipeline.MANIFEST):
-                shutil.copy2(entry.path / name, tmp / name)
+    key, built, lock_fd = store.publish(plan, log=log)
+    try:  # the shared lock keeps gc away while we read and copy
+        entry = store.entry(key)
+        if copy_to is not None:
+            with atomic_dir(Path(copy_to), replaceable=pipeline.is_library_dir) as tmp:
+                for name in (pipeline.LIBRARY, pipeline.MANIFEST):
+                    shutil.copy2(entry.path / name, tmp / name)
+    finally:
+        os.close(lock_fd)
     return entry, built
 
 

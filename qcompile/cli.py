@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,13 +33,23 @@ def _emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _finite_positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -109,8 +120,9 @@ def cmd_compile(args) -> None:
                            "registry_key": entry.key if args.register else None,
                            **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
                                                        "parameter_count", "library", "build")}})
+    built_note = f"built in {manifest['build']['seconds']} s" if not args.register or built else "reused"
     print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
-          f"{manifest['dtype']}, build took {manifest['build']['seconds']} s): {where}"
+          f"{manifest['dtype']}, {built_note}): {where}"
           + (f", copied to {args.output}" if args.register and args.output else ""))
 
 
@@ -127,8 +139,11 @@ def cmd_run(args) -> None:
     from .atomic import save_npy
 
     prompt = parse_token_ids(args.prompt_ids)
-    if args.logits_out is not None and not Path(args.logits_out).parent.is_dir():
-        raise UserError(f"--logits-out: directory {Path(args.logits_out).parent} does not exist")
+    if args.logits_out is not None:  # checked before any work
+        if args.logits_out.is_dir():
+            raise UserError(f"--logits-out: {args.logits_out}: is a directory; give a file path")
+        if not args.logits_out.parent.is_dir():
+            raise UserError(f"--logits-out: directory {args.logits_out.parent} does not exist")
     looks_like_path = os.sep in str(args.library) or str(args.library).startswith(".")
     if (args.library / "manifest.json").is_file() or (looks_like_path and not args.library.exists()):
         model = api.load(args.library, weights=args.weights)  # reports a missing library directory
@@ -160,8 +175,16 @@ def cmd_registry_list(args) -> None:
     if args.json:
         return _emit_json(entries)
     _print_table([[e["key"][:12], e["model"], e["target"], e["dtype"], str(e["max_seq_len"]),
-                   f"{e['size_bytes'] / 2**20:.1f} MiB", e["created"], e["last_used"]] for e in entries],
-                 ["KEY", "MODEL", "TARGET", "DTYPE", "MAX_SEQ", "SIZE", "CREATED", "LAST_USED"])
+                   f"{e['size_bytes'] / 2**20:.1f} MiB", _age(e["age_seconds"]), _age(e["idle_seconds"])]
+                  for e in entries],
+                 ["KEY", "MODEL", "TARGET", "DTYPE", "MAX_SEQ", "SIZE", "AGE", "LAST_USED"])
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
 
 
 def cmd_registry_show(args) -> None:
@@ -192,6 +215,8 @@ def cmd_registry_rm(args) -> None:
     store = _registry()
     key = store.resolve_key(args.key)
     store.remove(key)
+    if args.json:
+        return _emit_json({"removed": key})
     print(f"removed {key[:12]}")
 
 
@@ -223,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                       seq_help="longest sequence (prompt + new tokens) the library accepts; default: "
                                "the model's max_position_embeddings"):
         p.add_argument("--dtype", help=dtype_help)
-        p.add_argument("--max-seq-len", type=_positive_int, help=seq_help)
+        p.add_argument("--max-seq-len", type=_non_negative_int, help=seq_help)
 
     def listing(group, name: str, help: str, func) -> argparse.ArgumentParser:
         p = group.add_parser(name, help=help)
@@ -256,10 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-weights", help="write a random-weight HF checkpoint for MODEL")
     p.add_argument("model", help="zoo name or HF checkpoint directory")
     p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint directory to write")
-    p.add_argument("--seed", type=_positive_int, default=0, help="random seed (default 0)")
-    p.add_argument("--std", type=float, default=0.15,
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--std", type=_finite_positive, default=0.15,
                    help="weight std (default 0.15; HF's 0.02 makes tiny models repeat one token)")
-    p.add_argument("--max-shard-mb", type=float, default=2048,
+    p.add_argument("--max-shard-mb", type=_finite_positive, default=2048,
                    help="shard the safetensors above this size, with an index file (default 2048)")
     p.set_defaults(func=cmd_init_weights)
 
@@ -271,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     build_options(p, dtype_help="with a MODEL: its build dtype", seq_help="with a MODEL: its --max-seq-len")
     p.add_argument("--weights", type=Path, required=True, help="HF checkpoint directory")
     p.add_argument("--prompt-ids", required=True, help='prompt token ids, e.g. "3 14 15"')
-    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate (16)")
-    p.add_argument("--eos-id", type=_positive_int, help="stop after generating this token id")
+    p.add_argument("--max-new-tokens", type=_non_negative_int, default=16, help="tokens to generate (16)")
+    p.add_argument("--eos-id", type=_non_negative_int, help="stop after generating this token id")
     p.add_argument("--logits-out", type=Path, help="save the prompt's logits, float32 [prompt_len, vocab]")
     p.add_argument("--json", action="store_true",
                    help="print {prompt_ids, generated_ids, prefill_seconds, decode_tokens_per_s}")
@@ -286,9 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("key", help="entry key or a unique prefix (>= 6 hex digits)")
     listing(registry_sub, "verify", "re-hash every file of every entry (or of KEY); exit 2 if damaged",
             cmd_registry_verify).add_argument("key", nargs="?", help="entry key or prefix")
-    p = registry_sub.add_parser("rm", help="remove an entry (refused while it is in use)")
-    p.add_argument("key", help="entry key or a unique prefix")
-    p.set_defaults(func=cmd_registry_rm)
+    listing(registry_sub, "rm", "remove an entry (refused while it is in use)", cmd_registry_rm) \
+        .add_argument("key", help="entry key or a unique prefix")
     listing(registry_sub, "gc", "evict least-recently-used entries above a size bound (never one in "
             "use) and clear crashed builds", cmd_registry_gc) \
         .add_argument("--max-size", required=True, help="size bound, e.g. 500M or 20G")
@@ -297,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="qwen2-sw-debug", help="zoo model (qwen2-sw-debug)")
     p.add_argument("--workdir", type=Path, default=Path("build/demo"),
                    help="where the library and checkpoint go (build/demo)")
-    p.add_argument("--prompt-len", type=_positive_int, default=24, help="random prompt length (24)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate (16)")
-    p.add_argument("--seed", type=_positive_int, default=0, help="seed for weights and prompt (0)")
+    p.add_argument("--prompt-len", type=_non_negative_int, default=24, help="random prompt length (24)")
+    p.add_argument("--max-new-tokens", type=_non_negative_int, default=16, help="tokens to generate (16)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed for weights and prompt (0)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import math
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 MANIFEST_FORMAT = "qcompile-library/1"
 PACKED_PARAMS = "packed_params"  # nn.Module.export_tvm's name for the weights tuple
+# What the runtime and the registry read from a manifest.
+MANIFEST_KEYS = ("model", "target", "dtype", "max_seq_len", "prefill_chunk", "parameters", "library",
+                 "versions", "identity", "build")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -79,6 +84,27 @@ def tvm_build_id() -> str:
     return hashlib.sha256("\n".join(libraries).encode()).hexdigest()[:16] if libraries else "unknown"
 
 
+@functools.cache
+def source_digest() -> str:
+    """sha256 over qcompile's own source files: a code change without a version bump still changes
+    what gets built, so it is part of a build's identity."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def c_compiler() -> str:
+    """The first line of `cc --version`: export_library links the shared object with it."""
+    try:
+        out = subprocess.run(["cc", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+    return out.splitlines()[0] if out else "unknown"
+
+
 def versions() -> dict[str, str]:
     import tvm  # noqa: PLC0415
     import tvm_ffi  # noqa: PLC0415
@@ -88,7 +114,11 @@ def versions() -> dict[str, str]:
 
 
 def is_library_dir(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
+    """A directory qcompile wrote as a library (so `compile -o` may replace it)."""
+    try:
+        return read_manifest(path).get("format") == MANIFEST_FORMAT
+    except UserError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +140,8 @@ class BuildPlan:
         return {"family": self.spec.family.name, "config": self.spec.config.canonical(),
                 "target": self.target_record["target"], "device": self.target_record["device"],
                 "dtype": self.dtype, "max_seq_len": self.max_seq_len, "prefill_chunk": self.prefill_chunk,
-                "versions": versions(), "toolchain": {"llvm": int(codegen.llvm_version_major())},
+                "versions": versions(), "qcompile_source": source_digest(),
+                "toolchain": {"llvm": int(codegen.llvm_version_major()), "cc": c_compiler()},
                 "tuning_database": None}
 
 
@@ -176,4 +207,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     manifest = read_json_object(path, missing=f"{directory}: not a qcompile library (no {MANIFEST})")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path}: format is not {MANIFEST_FORMAT}")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise UserError(f"{path}: incomplete manifest (no '{missing[0]}')")
     return manifest

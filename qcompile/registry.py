@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import hashlib
 import json
@@ -36,15 +37,17 @@ from .pipeline import LIBRARY, MANIFEST, BuildPlan, read_manifest, sha256_file, 
 
 FORMAT = 1
 SUMS = "SHA256SUMS"
-KEY_PATTERN = re.compile(r"[0-9a-f]{6,64}")
+KEY_PATTERN = re.compile(r"[0-9a-f]{6,64}")  # a key or prefix as a user types it
+FULL_KEY = re.compile(r"[0-9a-f]{64}")
+TRASH_GRACE_SECONDS = 600  # trash younger than this may be another process's removal in progress
 # Fault injection for the crash tests: pause (as if stuck) right before the publishing rename.
 PAUSE_BEFORE_PUBLISH = "QCOMPILE_TEST_PAUSE_BEFORE_PUBLISH"
 
 
 def home() -> Path:
-    if "QCOMPILE_HOME" in os.environ:
+    if os.environ.get("QCOMPILE_HOME"):  # empty means unset
         return Path(os.environ["QCOMPILE_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qcompile"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qcompile"
 
 
 def key_of(identity: dict[str, Any]) -> str:
@@ -62,11 +65,14 @@ class Entry:
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
+        created = datetime.datetime.fromisoformat(m["build"]["created"]).timestamp()
         return {"key": self.key, "model": m["model"]["name"], "family": m["model"]["family"],
                 "target": m["target"]["name"], "dtype": m["dtype"], "max_seq_len": m["max_seq_len"],
                 "size_bytes": self.size, "created": m["build"]["created"],
-                "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.last_used)),
-                "path": str(self.path)}
+                "age_seconds": round(time.time() - created),
+                "last_used": datetime.datetime.fromtimestamp(self.last_used, datetime.UTC)
+                .isoformat(timespec="seconds"),
+                "idle_seconds": round(time.time() - self.last_used), "path": str(self.path)}
 
 
 class Registry:
@@ -80,46 +86,76 @@ class Registry:
             except OSError as e:
                 raise UserError(f"{d}: cannot create the registry directory ({e.strerror})") from None
 
-    # -- locking ---------------------------------------------------------------------------------
+    # -- paths and locks ------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        """The entry directory of a full key; anything else is refused (keys never name other paths)."""
+        if not isinstance(key, str) or not FULL_KEY.fullmatch(key):
+            raise UserError(f"'{key}' is not a registry key (64 lowercase hex digits)")
+        return self.entries / key
+
+    def _open_lock(self, key: str) -> int:
+        self.path(key)  # validates the key
+        try:
+            return os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{self.locks}: cannot open the registry lock ({e.strerror})") from None
 
     @contextlib.contextmanager
-    def _lock(self, key: str, mode: int) -> Iterator[int]:
-        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock(self, key: str, mode: int) -> Iterator[None]:
+        fd = self._open_lock(key)
         try:
             fcntl.flock(fd, mode)
-            yield fd
+            yield
         finally:
             os.close(fd)  # releases the lock
 
     def hold_shared(self, key: str) -> int:
-        """A shared lock held by a loaded library (gc and rm skip the entry); close the fd to release."""
-        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """A shared lock, as a loaded library holds it (gc and rm skip the entry); close the fd to
+        release it."""
+        fd = self._open_lock(key)
         fcntl.flock(fd, fcntl.LOCK_SH)
         return fd
 
     # -- building --------------------------------------------------------------------------------
 
-    def publish(self, plan: BuildPlan, *, log=print) -> tuple[str, bool]:
-        """The entry for `plan`, built if absent. Returns (key, built_now). Concurrent callers with the
-        same key build once: the others wait on the key's lock and then find the entry."""
+    def publish(self, plan: BuildPlan, *, log=print) -> tuple[str, bool, int]:
+        """The entry for `plan`, built if absent or damaged. Returns (key, built_now, fd of a shared lock
+        the caller holds while it uses the entry, then closes). Concurrent callers with the same key
+        build once: the others wait on the key's lock and then find the entry."""
         key = key_of(plan.identity())
-        if (self.entries / key).is_dir():
-            return key, False
-        with self._lock(key, fcntl.LOCK_EX):
-            if (self.entries / key).is_dir():
-                return key, False
+        fd, built = self._open_lock(key), False
+        try:
+            while True:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not self.path(key).is_dir() or self.verify(key):
+                    if self.path(key).is_dir():  # damaged: replace it
+                        self._remove_unlocked(key)
+                    self._build(plan, key, log)
+                    built = True
+                os.utime(self.path(key))  # compiled again: counts as a use
+                fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade, but not atomic: a gc may slip in ...
+                if self.path(key).is_dir():  # ... so check the entry is still there
+                    return key, built, fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _build(self, plan: BuildPlan, key: str, log) -> None:
+        try:
             build = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp))
-            try:
-                write_library(plan, build, log=log)
-                _write_sums(build)
-                if os.environ.get(PAUSE_BEFORE_PUBLISH):
-                    Path(os.environ[PAUSE_BEFORE_PUBLISH]).write_text(str(build))
-                    time.sleep(3600)
-                os.chmod(build, 0o755)
-                os.rename(build, self.entries / key)  # the commit point
-            finally:
-                shutil.rmtree(build, ignore_errors=True)
-        return key, True
+        except OSError as e:
+            raise UserError(f"{self.tmp}: cannot write to the registry ({e.strerror})") from None
+        try:
+            write_library(plan, build, log=log)
+            _write_sums(build)
+            if os.environ.get(PAUSE_BEFORE_PUBLISH):
+                Path(os.environ[PAUSE_BEFORE_PUBLISH]).write_text(str(build))
+                time.sleep(3600)
+            os.chmod(build, 0o755)
+            os.rename(build, self.path(key))  # the commit point
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -135,7 +171,7 @@ class Registry:
         return matches[0]
 
     def entry(self, key: str) -> Entry:
-        path = self.entries / key
+        path = self.path(key)
         files = [p for p in path.iterdir() if p.is_file()]
         return Entry(key, path, read_manifest(path), sum(p.stat().st_size for p in files),
                      path.stat().st_mtime)
@@ -149,12 +185,16 @@ class Registry:
 
     def verify(self, key: str) -> list[str]:
         """Problems with an entry (empty when sound): every file re-hashed, the key recomputed."""
-        path, problems = self.entries / key, []
+        path, problems = self.path(key), []
+        try:
+            files = {p.name for p in path.iterdir() if p.is_file()}
+        except FileNotFoundError:
+            return ["entry missing (removed meanwhile?)"]
         try:
             sums = dict(line.split("  ", 1)[::-1] for line in (path / SUMS).read_text().splitlines())
         except (FileNotFoundError, ValueError):
             return [f"{SUMS} missing or malformed"]
-        for name in sorted({p.name for p in path.iterdir() if p.is_file()} - {SUMS} | set(sums)):
+        for name in sorted(files - {SUMS} | set(sums)):
             if name not in sums:
                 problems.append(f"{name}: not in {SUMS}")
             elif not (path / name).is_file():
@@ -162,7 +202,10 @@ class Registry:
             elif sha256_file(path / name) != sums[name]:
                 problems.append(f"{name}: sha256 differs from {SUMS}")
         if not problems:
-            manifest = read_manifest(path)
+            try:
+                manifest = read_manifest(path)
+            except UserError as e:
+                return [str(e)]
             if key_of(manifest["identity"]) != key:
                 problems.append("manifest identity does not hash to the entry's key")
             if manifest["library"]["sha256"] != sums.get(LIBRARY):
@@ -175,14 +218,14 @@ class Registry:
         if problems:
             raise UserError(f"registry entry {key[:12]} is damaged ({problems[0]}); refusing to load "
                             f"(`qcompile registry rm {key[:12]}` and compile again)")
-        os.utime(self.entries / key)  # last use, for gc
-        return self.entries / key
+        os.utime(self.path(key))  # last use, for gc
+        return self.path(key)
 
     def open_for_load(self, key: str, what: str) -> tuple[Path, int]:
         """(verified entry path, held shared-lock fd) for loading; the caller closes the fd when done."""
         fd = self.hold_shared(key)
         try:
-            if not (self.entries / key).is_dir():
+            if not self.path(key).is_dir():
                 raise UserError(f"{what} is not in the registry (key {key[:12]}); build it with "
                                 f"`qcompile compile ... --register` using the same options")
             return self.checked_path(key), fd
@@ -192,15 +235,20 @@ class Registry:
 
     # -- removing --------------------------------------------------------------------------------
 
-    def _remove_unlocked(self, key: str) -> None:
+    def _remove_unlocked(self, key: str) -> bool:
+        """Remove an entry (the caller holds its exclusive lock); False if it was already gone."""
+        if not self.path(key).is_dir():
+            return False
         grave = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.trash))
-        os.rename(self.entries / key, grave / key)  # disappears atomically for readers
+        os.rename(self.path(key), grave / key)  # disappears atomically for readers
         shutil.rmtree(grave, ignore_errors=True)
+        return True
 
     def remove(self, key: str) -> None:
         try:
             with self._lock(key, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                self._remove_unlocked(key)
+                if not self._remove_unlocked(key):
+                    raise UserError(f"no registry entry {key[:12]}")
         except BlockingIOError:
             raise UserError(f"registry entry {key[:12]} is in use (loaded or being built)") from None
 
@@ -210,10 +258,14 @@ class Registry:
         removed, kept_in_use = [], []
         for build in self.tmp.iterdir():  # a build whose key is not locked is a crashed one
             key = build.name.split(".", 1)[0]
+            if not FULL_KEY.fullmatch(key):
+                continue  # not ours
             with contextlib.suppress(BlockingIOError), self._lock(key, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 shutil.rmtree(build, ignore_errors=True)
-        for leftover in self.trash.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.trash.iterdir():  # removals that crashed; young ones may be in progress
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - leftover.stat().st_mtime > TRASH_GRACE_SECONDS:
+                    shutil.rmtree(leftover, ignore_errors=True)
         entries = self.list()
         total = sum(e.size for e in entries)
         for entry in sorted(entries, key=lambda e: e.last_used):  # oldest use first
@@ -221,11 +273,12 @@ class Registry:
                 break
             try:
                 with self._lock(entry.key, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                    self._remove_unlocked(entry.key)
+                    gone = self._remove_unlocked(entry.key)
             except BlockingIOError:
                 kept_in_use.append(entry.key)
                 continue
-            removed.append(entry.key)
+            if gone:
+                removed.append(entry.key)
             total -= entry.size
         return {"removed": removed, "kept_in_use": kept_in_use, "total_bytes": total,
                 "max_bytes": max_bytes}

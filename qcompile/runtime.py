@@ -7,7 +7,9 @@ version it was built with, and (CPU) that this machine has every CPU feature the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,24 +18,19 @@ import numpy as np
 
 from .errors import UserError
 from .models import FAMILIES
-from .pipeline import read_manifest, sha256_file
+from .pipeline import read_manifest
 from .schema import build_record
 from .targets import host_cpu_features
 from .weights import load_parameters
 from .zoo import ModelSpec, load_checkpoint_config
 
 
-def verify_library(directory: Path, manifest: dict[str, Any]) -> Path:
-    """Refuse a library that was altered, or built for another TVM or CPU. Returns the .so path."""
+def verify_library(directory: Path, manifest: dict[str, Any], private_dir: Path) -> Path:
+    """Refuse a library that was altered, or built for another TVM or CPU. Returns a private copy of the
+    .so, hashed as it was copied, so the bytes checked are the bytes loaded (no swap in between)."""
     import tvm  # noqa: PLC0415
 
     library = Path(directory) / manifest["library"]["file"]
-    if not library.is_file():
-        raise UserError(f"{library}: library file missing")
-    actual = sha256_file(library)
-    if actual != manifest["library"]["sha256"]:
-        raise UserError(f"{library}: sha256 {actual[:12]}… does not match the manifest's "
-                        f"{manifest['library']['sha256'][:12]}…; refusing to load")
     built_with = manifest["versions"]["tvm"]
     if built_with != tvm.__version__:
         raise UserError(f"{directory}: built with TVM {built_with}, this runtime is TVM {tvm.__version__}")
@@ -44,7 +41,18 @@ def verify_library(directory: Path, manifest: dict[str, Any]) -> Path:
     if missing:
         raise UserError(f"{directory}: built for CPU {target['target'].get('mcpu')}; this CPU lacks "
                         f"{', '.join(missing[:5])}")
-    return library
+    copy, digest = private_dir / "model.so", hashlib.sha256()
+    try:
+        with open(library, "rb") as src, open(copy, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                dst.write(block)
+    except FileNotFoundError:
+        raise UserError(f"{library}: library file missing") from None
+    if digest.hexdigest() != manifest["library"]["sha256"]:
+        raise UserError(f"{library}: sha256 {digest.hexdigest()[:12]}… does not match the manifest's "
+                        f"{manifest['library']['sha256'][:12]}…; refusing to load")
+    return copy
 
 
 def _spec_from_manifest(manifest: dict[str, Any]) -> ModelSpec:
@@ -90,17 +98,19 @@ class Decoder:
         import tvm  # noqa: PLC0415
         from tvm import relax  # noqa: PLC0415
 
-        self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
+        self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
         self.spec = _spec_from_manifest(manifest)
         cfg = self.spec.config
-        library = verify_library(directory, manifest)
-        _check_checkpoint_matches(self.spec, weights)
         params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
         self.device = tvm.cpu(0)
-        arrays = load_parameters(self.spec, weights, params)
-        self._params = [tvm.runtime.tensor(a, self.device) for a in arrays]
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
+        with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:
+            library = verify_library(directory, manifest, Path(private))  # before reading any weight
+            _check_checkpoint_matches(self.spec, weights)
+            arrays = load_parameters(self.spec, weights, params)
+            self._params = [tvm.runtime.tensor(a, self.device) for a in arrays]
+            module = tvm.runtime.load_module(str(library))  # mapped: the copy may go once loaded
+        self._vm = relax.VirtualMachine(module, self.device)
         self._tensor = tvm.runtime.tensor
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = manifest["max_seq_len"]
@@ -112,6 +122,7 @@ class Decoder:
         self.last_stats: GenerateStats | None = None  # of the last generate()
         self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
         self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
+        self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
 
     def close(self) -> None:
         """Release the registry entry (if loaded from one) so gc may evict it."""

@@ -82,11 +82,6 @@ def build_record(cls: type, values: dict[str, Any], where: str) -> Any:
     return record
 
 
-def record_to_dict(record: Any) -> dict[str, Any]:
-    """The record's fields as plain JSON-ready data (for manifests and `zoo show`)."""
-    return dataclasses.asdict(record)
-
-
 def hf_rope_theta(hf: dict[str, Any], where: str, default: float) -> float:
     """RoPE base from an HF config: transformers 5.x writes `rope_parameters.rope_theta`, older files a
     top-level `rope_theta`; absent means the family's HF default. Only the default RoPE type is built."""

@@ -23,6 +23,8 @@ from .zoo import ModelSpec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Marks a checkpoint of random weights, which init-weights may overwrite (and nothing else).
+RANDOM_MARKER = ".qcompile-random-weights"
 # Buffers some older checkpoints carry that are recomputed, not loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -130,10 +132,8 @@ def random_tensors(spec: ModelSpec, *, seed: int, std: float) -> Iterable[tuple[
 def write_random_checkpoint(spec: ModelSpec, out: Path, *, seed: int = 0, std: float = 0.15,
                             max_shard_bytes: int = 2 << 30) -> Path:
     """Write config.json + random safetensors (sharded above `max_shard_bytes`) to `out`, atomically."""
-    def replaceable(d: Path) -> bool:
-        return (d / "config.json").exists()
-
-    with atomic_dir(Path(out), replaceable=replaceable) as tmp:
+    with atomic_dir(Path(out), replaceable=lambda d: (d / RANDOM_MARKER).is_file()) as tmp:
+        (tmp / RANDOM_MARKER).write_text("random weights written by `qcompile init-weights`\n")
         write_json(tmp / "config.json", spec.family.config_to_hf(spec.config))
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0

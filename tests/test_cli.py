@@ -112,13 +112,22 @@ def test_interrupted_build_leaves_nothing_and_keeps_the_old_library(capsys, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib"]  # the temporary is gone
 
 
-def test_output_that_is_not_a_library_is_not_overwritten(capsys, tmp_path):
+@pytest.mark.parametrize("command,own_file", [
+    (["compile", "qwen2-debug"], "manifest.json"),  # someone else's manifest.json
+    (["init-weights", "qwen2-debug"], "config.json"),  # a real HF checkpoint, not our random one
+])
+def test_outputs_that_are_not_ours_are_not_overwritten(capsys, tmp_path, command, own_file):
     precious = tmp_path / "precious"
     precious.mkdir()
-    (precious / "notes.txt").write_text("keep me")
-    assert_user_error(capsys, "exists and is not a previous qcompile output", "compile", "qwen2-debug",
-                      "-o", precious)
-    assert (precious / "notes.txt").read_text() == "keep me"
+    (precious / own_file).write_text('{"keep": "me"}')
+    assert_user_error(capsys, "exists and is not a previous qcompile output", *command, "-o", precious)
+    assert (precious / own_file).read_text() == '{"keep": "me"}'
+
+
+def test_init_weights_replaces_its_own_output(capsys, tmp_path):
+    for seed in ("1", "2"):
+        assert run_cli(capsys, "init-weights", "qwen2-debug", "-o", tmp_path / "ck", "--seed", seed)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -128,9 +137,28 @@ def test_output_that_is_not_a_library_is_not_overwritten(capsys, tmp_path):
     (["--prompt-ids", "1 2", "--max-new-tokens", "63"], "exceeds the library's max_seq_len 64"),
     (["--prompt-ids", "1 2", "--max-new-tokens", "-1"], "--max-new-tokens: must be >= 0"),
     (["--prompt-ids", "1", "--logits-out", "/no/such/dir/l.npy"], "--logits-out: directory"),
+    (["--prompt-ids", "1", "--logits-out", "/tmp"], "--logits-out: /tmp: is a directory"),
 ])
 def test_bad_run_input(capsys, debug_library, debug_checkpoint, extra, needle):
     assert_user_error(capsys, needle, "run", debug_library, "--weights", debug_checkpoint, *extra)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["init-weights", "qwen2-debug", "-o", "{out}", "--std", "nan"], "--std: must be a finite number > 0"),
+    (["init-weights", "qwen2-debug", "-o", "{out}", "--max-shard-mb", "inf"], "--max-shard-mb: must be"),
+])
+def test_bad_numbers(capsys, tmp_path, argv, needle):
+    assert_user_error(capsys, needle, *[a.format(out=tmp_path / "out") for a in argv])
+
+
+def test_incomplete_manifest(capsys, tmp_path, debug_library, debug_checkpoint):
+    broken = tmp_path / "lib"
+    broken.mkdir()
+    manifest = json.loads((debug_library / "manifest.json").read_text())
+    del manifest["model"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert_user_error(capsys, "incomplete manifest (no 'model')", "run", broken, "--weights",
+                      debug_checkpoint, "--prompt-ids", "1")
 
 
 def test_run_missing_paths(capsys, tmp_path, debug_library, debug_checkpoint):

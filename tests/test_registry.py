@@ -42,11 +42,14 @@ def test_key_is_stable_and_every_input_changes_it(monkeypatch):
         ("versions", "tvm"): "0.28.0", ("versions", "tvm_build"): "0" * 16,
         ("versions", "qcompile"): "0.2.0", ("toolchain", "llvm"): 23, ("tuning_database",): "ab" * 32,
     }
+    changes[("qcompile_source",)] = "0" * 16
+    changes[("toolchain", "cc")] = "clang 99"
     for path, value in changes.items():
         changed = copy.deepcopy(identity)
         node = changed
         for part in path[:-1]:
             node = node[part]
+        assert path[-1] in node, path  # a change, not an addition
         node[path[-1]] = value
         assert registry.key_of(changed) != key, path
     monkeypatch.setattr(registry, "FORMAT", registry.FORMAT + 1)
@@ -67,12 +70,17 @@ REGISTER = ("import qcompile; e, built = qcompile.register_model('qwen2-debug', 
 
 def test_parallel_compiles_make_one_entry_and_readers_succeed(home, debug_checkpoint):
     writers = [_python(REGISTER, home) for _ in range(4)]
+    store, seen = registry.Registry(), 0
+    while any(w.poll() is None for w in writers):  # meanwhile, every entry a reader sees is complete
+        for entry in store.list():
+            assert store.verify(entry.key) == []
+            seen += 1
+        time.sleep(0.05)
     results = [(w.wait(timeout=300), *w.communicate()) for w in writers]
     assert all(code == 0 for code, _, _ in results), results
     keys_built = [out.split() for _, out, _ in results]
     assert len({k for k, _ in keys_built}) == 1
     assert [b for _, b in keys_built].count("True") == 1  # the others waited and reused it
-    store = registry.Registry()
     assert len(store.list()) == 1 and list(store.tmp.iterdir()) == []
     read = (f"import qcompile; m = qcompile.load(model='qwen2-debug', max_seq_len=32, "
             f"weights='{debug_checkpoint}'); print(m.generate([1, 2, 3], 4).tolist())")
@@ -116,6 +124,32 @@ def test_flipped_byte_is_refused_by_verify_and_load(home, capsys, debug_checkpoi
     assert "DAMAGED" in capsys.readouterr().out
     with pytest.raises(UserError, match="damaged.*refusing to load"):
         qcompile.load(model="qwen2-debug", max_seq_len=32, weights=debug_checkpoint)
+    rebuilt, built = qcompile.register_model("qwen2-debug", max_seq_len=32, log=quiet)  # not reused
+    assert built and rebuilt.key == entry.key and registry.Registry().verify(entry.key) == []
+
+
+def test_truncated_library_is_refused(home, debug_checkpoint):
+    entry, _ = qcompile.register_model("qwen2-debug", max_seq_len=32, log=quiet)
+    library = entry.path / "model.so"
+    library.write_bytes(library.read_bytes()[:4096])
+    assert registry.Registry().verify(entry.key) == ["model.so: sha256 differs from SHA256SUMS"]
+    with pytest.raises(UserError, match="damaged"):
+        qcompile.load(model="qwen2-debug", max_seq_len=32, weights=debug_checkpoint)
+
+
+def test_failed_load_releases_the_lock_once(home, capsys, tmp_path):
+    """A load that fails after taking the entry's lock: one error line, no stray close of another fd."""
+    import gc
+
+    qcompile.register_model("qwen2-debug", max_seq_len=32, log=quiet)
+    other = qcompile.init_weights("qwen2-sw-debug", out=tmp_path / "other")
+    assert main(["run", "qwen2-debug", "--max-seq-len", "32", "--weights", str(other),
+                 "--prompt-ids", "1"]) == 2
+    gc.collect()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_hidden_layers" in err, err
+    entry = registry.Registry().list()[0]
+    registry.Registry().remove(entry.key)  # the lock was released: nothing holds the entry
 
 
 def test_edited_manifest_is_refused(home, debug_checkpoint):
@@ -148,8 +182,12 @@ def test_gc_evicts_least_recently_used_and_spares_entries_in_use(home, debug_che
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "..", "/tmp", "abc", "ABCDEF12", "d92bcac8/../x"])
 def test_names_cannot_escape_the_registry(home, capsys, name):
+    store = registry.Registry()
     with pytest.raises(UserError, match="is not a registry key"):
-        registry.Registry().resolve_key(name)
+        store.resolve_key(name)
+    for method in (store.path, store.remove, store.verify, store.entry, store.hold_shared):
+        with pytest.raises(UserError, match="is not a registry key"):
+            method(name)
     for command in (["registry", "show", name], ["registry", "rm", name]):
         assert main(command) == 2
         assert "is not a registry key" in capsys.readouterr().err
