@@ -160,6 +160,22 @@ def fused_weight_map(hf_names) -> dict[str, list[str]]:
     return m
 
 
+# Tensor-parallel plan pieces over HF tensor names (declared, applied by later work): column-parallel
+# projections split their output features, row-parallel ones their input features; one all-reduce
+# after each row-parallel projection (o_proj ends attention, down_proj ends the MLP).
+ATTENTION_TP_PLAN: dict[str, str] = {
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+}
+DENSE_MLP_TP_PLAN: dict[str, str] = {
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+}
+
+
 def parameter_count(shapes: Shapes) -> int:
     return sum(math.prod(s) for s in shapes.values())
 

@@ -93,17 +93,7 @@ def config_to_hf(cfg: Qwen2Config) -> dict[str, Any]:
             "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}}
 
 
-# Tensor-parallel plan over HF tensor names (declared here, applied by later work): column-parallel
-# projections split their output features, row-parallel ones their input features; one all-reduce after
-# each row-parallel projection (o_proj ends attention, down_proj ends the MLP).
-TENSOR_PARALLEL_PLAN: dict[str, str] = {
-    "model.layers.*.self_attn.q_proj": "colwise",
-    "model.layers.*.self_attn.k_proj": "colwise",
-    "model.layers.*.self_attn.v_proj": "colwise",
-    "model.layers.*.self_attn.o_proj": "rowwise",
-    "model.layers.*.mlp.gate_proj": "colwise",
-    "model.layers.*.mlp.up_proj": "colwise",
-    "model.layers.*.mlp.down_proj": "rowwise",
-}
+# Tensor-parallel plan (declared, not applied yet): q/k/v/gate/up column-wise, o/down row-wise.
+TENSOR_PARALLEL_PLAN: dict[str, str] = decoder.ATTENTION_TP_PLAN | decoder.DENSE_MLP_TP_PLAN
 # Pipeline stages run embed -> layers -> norm (+ lm_head) in this order.
 PIPELINE_PLAN: tuple[str, ...] = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")

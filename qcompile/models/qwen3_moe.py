@@ -149,18 +149,11 @@ def config_to_hf(cfg: Qwen3MoeConfig) -> dict[str, Any]:
 # Tensor-parallel plan over HF tensor names (declared, not applied yet): attention as in qwen2; every
 # expert is split along its FFN dimension (gate/up by output rows, down by input columns), so each
 # device holds a slice of every expert and one all-reduce ends the MoE block; the router is replicated.
-TENSOR_PARALLEL_PLAN: dict[str, str] = {
-    "model.layers.*.self_attn.q_proj": "colwise",
-    "model.layers.*.self_attn.k_proj": "colwise",
-    "model.layers.*.self_attn.v_proj": "colwise",
-    "model.layers.*.self_attn.o_proj": "rowwise",
+TENSOR_PARALLEL_PLAN: dict[str, str] = decoder.ATTENTION_TP_PLAN | decoder.DENSE_MLP_TP_PLAN | {
     "model.layers.*.self_attn.q_norm": "replicated",
     "model.layers.*.self_attn.k_norm": "replicated",
     "model.layers.*.mlp.gate": "replicated",
     "model.layers.*.mlp.experts.*.gate_proj": "colwise",
     "model.layers.*.mlp.experts.*.up_proj": "colwise",
     "model.layers.*.mlp.experts.*.down_proj": "rowwise",
-    "model.layers.*.mlp.gate_proj": "colwise",
-    "model.layers.*.mlp.up_proj": "colwise",
-    "model.layers.*.mlp.down_proj": "rowwise",
 }
