@@ -20,19 +20,31 @@ CPU_TOLERANCE = targets.load_target("cpu").tolerance["float32"]
 
 TINY_QWEN2 = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+TINY_QWEN3_MOE = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 
 
-def write_hf_checkpoint(directory: Path, *, seed: int = 0, std: float = 0.15, dtype=None, **fields) -> Path:
-    """A random Qwen2ForCausalLM saved by transformers' own save_pretrained (config.json as HF writes it).
+def hf_classes(family: str):
+    import transformers
+
+    return {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, TINY_QWEN2),
+            "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, TINY_QWEN3_MOE)}[family]
+
+
+def write_hf_checkpoint(directory: Path, *, family: str = "qwen2", seed: int = 0, std: float = 0.15,
+                        dtype=None, **fields) -> Path:
+    """A random HF causal LM of `family` saved by transformers' own save_pretrained (config.json as HF
+    writes it), over the family's tiny base config.
 
     Every weight and bias is N(0, std) and norm weights 1 + N(0, std): HF's default init (std 0.02, zero
     biases, unit norms) would leave the biases and norms untested and makes greedy output degenerate.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class, base = hf_classes(family)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY_QWEN2, **fields}))
+    model = model_class(config_class(**{**base, **fields}))
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(0.0, std)

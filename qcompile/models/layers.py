@@ -194,14 +194,18 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
         self.experts = MoEExperts(hidden, ffn, num_experts, dtype)
 
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [n, hidden] -> (weights [n, k] in x's dtype, experts [n, k] int32), as HF's router."""
+        probs = op.softmax(self.gate(x).astype(F32), axis=-1)  # [n, experts]
+        weights, experts = op.topk(probs, self.top_k, axis=-1, ret_type="both", largest=True, dtype="int32")
+        if self.norm_topk_prob:
+            weights = weights / op.sum(weights, axis=-1, keepdims=True)
+        return weights.astype(x.dtype), experts
+
     def forward(self, x: Tensor) -> Tensor:
         n, hidden = x.shape
         k = self.top_k
-        probs = op.softmax(self.gate(x).astype(F32), axis=-1)  # [n, experts]
-        weights, experts = op.topk(probs, k, axis=-1, ret_type="both", largest=True, dtype="int32")
-        if self.norm_topk_prob:
-            weights = weights / op.sum(weights, axis=-1, keepdims=True)
-        weights = weights.astype(x.dtype)  # [n, k]
+        weights, experts = self.route(x)
 
         flat_experts = op.reshape(experts, (n * k,))  # row t*k + s: token t, slot s
         order = op.argsort(flat_experts, dtype="int32")  # rows grouped by expert
