@@ -130,8 +130,8 @@ class BuildPlan:
     tvm_target: Any
     target_record: dict[str, Any]  # resolved target dict, device, CPU features
     dtype: str
-    max_seq_len: int
-    prefill_chunk: int
+    max_seq_len: int | None  # decoders only
+    prefill_chunk: int | None
 
     def identity(self) -> dict[str, Any]:
         """Everything that decides the built library's bytes and manifest (not the model's name)."""
@@ -151,12 +151,16 @@ def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
     dtype = dtype or target.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    tvm_target, target_record = resolve(target)
+    if spec.family.kind != "decoder":  # sequence bounds are a decoder's
+        if max_seq_len is not None:
+            raise UserError(f"--max-seq-len applies to decoders; {spec.name} is an {spec.family.kind}")
+        return BuildPlan(spec, target, tvm_target, target_record, dtype, None, None)
     context = spec.config.max_position_embeddings
     max_seq_len = context if max_seq_len is None else max_seq_len
     if not 1 <= max_seq_len <= context:
         raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
                         f"got {max_seq_len}")
-    tvm_target, target_record = resolve(target)
     return BuildPlan(spec, target, tvm_target, target_record, dtype, max_seq_len,
                      prefill_chunk=min(target.prefill_chunk, max_seq_len))
 

@@ -86,13 +86,8 @@ class GenerateStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
 
-class Decoder:
-    """A decoder library loaded with weights. One sequence at a time (batch 1).
-
-    prefill(ids) starts a new sequence and returns float32 logits [len(ids), vocab];
-    decode(token) appends one token and returns logits [vocab];
-    generate(ids, max_new_tokens) runs greedy decoding and returns the new token ids.
-    """
+class Library:
+    """A verified library loaded with an HF checkpoint's weights (what Decoder and Encoder share)."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
         import tvm  # noqa: PLC0415
@@ -101,7 +96,6 @@ class Decoder:
         self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
         self.spec = _spec_from_manifest(manifest)
-        cfg = self.spec.config
         params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
         self.device = tvm.cpu(0)
         with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:
@@ -112,16 +106,6 @@ class Decoder:
             module = tvm.runtime.load_module(str(library))  # mapped: the copy may go once loaded
         self._vm = relax.VirtualMachine(module, self.device)
         self._tensor = tvm.runtime.tensor
-        self.vocab_size = cfg.vocab_size
-        self.max_seq_len = manifest["max_seq_len"]
-        self.prefill_chunk = manifest["prefill_chunk"]
-        entry = (cfg.num_key_value_heads, cfg.resolved_head_dim)
-        self._empty_cache = [np.zeros((0, *entry), manifest["dtype"])] * (2 * cfg.num_hidden_layers)
-        self._cache: Any = None
-        self.position = 0  # tokens in the current sequence
-        self.last_stats: GenerateStats | None = None  # of the last generate()
-        self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
-        self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
         self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
 
     def close(self) -> None:
@@ -132,6 +116,29 @@ class Decoder:
 
     def __del__(self):
         self.close()
+
+
+class Decoder(Library):
+    """A decoder library loaded with weights. One sequence at a time (batch 1).
+
+    prefill(ids) starts a new sequence and returns float32 logits [len(ids), vocab];
+    decode(token) appends one token and returns logits [vocab];
+    generate(ids, max_new_tokens) runs greedy decoding and returns the new token ids.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
+        super().__init__(directory, manifest, weights, lock_fd)
+        cfg = self.spec.config
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = manifest["max_seq_len"]
+        self.prefill_chunk = manifest["prefill_chunk"]
+        entry = (cfg.num_key_value_heads, cfg.resolved_head_dim)
+        self._empty_cache = [np.zeros((0, *entry), manifest["dtype"])] * (2 * cfg.num_hidden_layers)
+        self._cache: Any = None
+        self.position = 0  # tokens in the current sequence
+        self.last_stats: GenerateStats | None = None  # of the last generate()
+        self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
+        self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
 
     def _check_ids(self, ids: Any, what: str) -> np.ndarray:
         array = np.asarray(ids)
@@ -192,12 +199,27 @@ class Decoder:
         return np.array(new, dtype=np.int64)
 
 
-def load(directory: str | Path, *, weights: str | Path, lock_fd: int | None = None) -> Decoder:
+class Encoder(Library):
+    """An image encoder library loaded with weights.
+
+    encode(images) -> float32 last_hidden_state [batch, tokens, width]; `images` is a float32 array
+    [batch, channels, size, size] already preprocessed, or image paths / PIL images (preprocessed here
+    as the model's HF image processor would).
+    """
+
+    def encode(self, images: Any) -> np.ndarray:
+        from .vision import as_pixel_values  # noqa: PLC0415 (Pillow is needed only here)
+
+        pixels = as_pixel_values(images, self.spec.config)
+        return self._vm["encode"](self._tensor(pixels, self.device), self._params).numpy()
+
+
+RUNTIMES = {"decoder": Decoder, "encoder": Encoder}
+
+
+def load(directory: str | Path, *, weights: str | Path, lock_fd: int | None = None) -> Decoder | Encoder:
     """Open a library directory (verified) with an HF checkpoint's weights. `lock_fd`, if given, is a
     registry lock the model holds until `close()`."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    kind = manifest["model"]["kind"]
-    if kind != "decoder":
-        raise UserError(f"{directory}: model kind '{kind}' has no runtime yet")
-    return Decoder(directory, manifest, Path(weights), lock_fd)
+    return RUNTIMES[manifest["model"]["kind"]](directory, manifest, Path(weights), lock_fd)

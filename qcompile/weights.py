@@ -7,7 +7,6 @@ tensors fill each library parameter (fused ones are concatenated along axis 0).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,7 +29,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def parameter_count(spec: ModelSpec) -> int:
-    return sum(math.prod(shape) for shape in spec.family.hf_tensors(spec.config).values())
+    return spec.family.parameter_count(spec.config)
 
 
 def _tensor_files(directory: Path) -> dict[str, Path]:
@@ -66,6 +65,12 @@ def load_parameters(spec: ModelSpec, directory: Path,
     if not directory.is_dir():
         raise UserError(f"{directory}: checkpoint directory not found")
     files = _tensor_files(directory)
+    # Our name -> the name in the file: older spellings carry a prefix today's names lack.
+    on_disk = {}
+    for name in files:
+        prefix = next((p for p in spec.family.checkpoint_prefixes if name.startswith(p)), "")
+        on_disk[name[len(prefix):]] = name
+    files = {ours: files[theirs] for ours, theirs in on_disk.items()}
     expected = spec.family.hf_tensors(spec.config)
     views = spec.family.checkpoint_views(spec.config)
     unexpected = [n for n in files if n not in expected and n not in views
@@ -86,7 +91,7 @@ def load_parameters(spec: ModelSpec, directory: Path,
                 if path not in handles:
                     handles[path] = safe_open(path, framework="numpy")
                 last_read.clear()
-                last_read[name] = handles[path].get_tensor(name)
+                last_read[name] = handles[path].get_tensor(on_disk[name])
             except (SafetensorError, OSError) as e:
                 raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
         return last_read[name]
@@ -113,6 +118,8 @@ def load_parameters(spec: ModelSpec, directory: Path,
     out = []
     for name, shape, dtype in params:
         array = assemble(mapping[name])
+        if array.shape != tuple(shape) and array.squeeze().shape == tuple(d for d in shape if d != 1):
+            array = array.reshape(shape)  # unit axes differ only: HF's [1, 1, width] cls token, say
         assert list(array.shape) == list(shape), (name, array.shape, shape)  # a family bug, not input
         out.append(np.ascontiguousarray(array.astype(dtype, copy=False)))
     return out

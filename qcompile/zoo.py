@@ -93,7 +93,7 @@ def load_checkpoint_config(directory: Path) -> ModelSpec:
         raise UserError(f"{path}: model_type {model_type!r} is not supported "
                         f"(supported: {', '.join(supported)})")
     where = str(path)
-    config = build_record(family.config_class, family.config_from_hf(hf, where), where)
+    config = build_record(family.config_class, family.config_from_hf(hf, where, directory), where)
     return ModelSpec(str(directory), family, config, source=where, checkpoint=directory)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from . import decoder, qwen2, qwen3_moe
+from . import decoder, qwen2, qwen3_moe, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +15,7 @@ class Family:
     kind: str  # "decoder" (prefill/decode/generate) or "encoder" (encode)
     config_class: type
     hf_model_types: tuple[str, ...]  # config.json `model_type` values this family reads
-    config_from_hf: Callable[[dict[str, Any], str], dict[str, Any]]
+    config_from_hf: Callable[..., dict[str, Any]]  # (config.json dict, where, checkpoint dir) -> fields
     config_to_hf: Callable[[Any], dict[str, Any]]
     build: Callable[[Any, str], Any]  # (config, dtype) -> nn.Module with export_spec()
     hf_tensors: Callable[[Any], dict[str, tuple[int, ...]]]  # checkpoint tensor -> shape
@@ -23,10 +23,13 @@ class Family:
     # stacked along a new axis 0.
     weight_map: Callable[[Any], dict[str, list]]
     tensor_parallel_plan: dict[str, str]
-    # Parameters one token touches (the total for dense families).
+    # Parameters the model computes with, and those one token touches (MoE: fewer).
+    parameter_count: Callable[[Any], int]
     active_parameter_count: Callable[[Any], int]
     # Fused tensors a checkpoint may hold instead of several HF tensors: name -> {tensor: index}.
     checkpoint_views: Callable[[Any], dict[str, dict[str, tuple]]] = lambda _cfg: {}
+    # Name prefixes some checkpoints carry that the family's tensor names do not (stripped on load).
+    checkpoint_prefixes: tuple[str, ...] = ()
 
 
 def _total(hf_tensors):
@@ -38,14 +41,22 @@ FAMILIES: dict[str, Family] = {
         name="qwen2", kind="decoder", config_class=qwen2.Qwen2Config, hf_model_types=("qwen2",),
         config_from_hf=qwen2.config_from_hf, config_to_hf=qwen2.config_to_hf, build=qwen2.build,
         hf_tensors=qwen2.hf_tensors, weight_map=qwen2.weight_map,
-        tensor_parallel_plan=qwen2.TENSOR_PARALLEL_PLAN, active_parameter_count=_total(qwen2.hf_tensors)),
+        tensor_parallel_plan=qwen2.TENSOR_PARALLEL_PLAN, parameter_count=_total(qwen2.hf_tensors),
+        active_parameter_count=_total(qwen2.hf_tensors)),
     "qwen3_moe": Family(
         name="qwen3_moe", kind="decoder", config_class=qwen3_moe.Qwen3MoeConfig,
         hf_model_types=("qwen3_moe",), config_from_hf=qwen3_moe.config_from_hf,
         config_to_hf=qwen3_moe.config_to_hf, build=qwen3_moe.build, hf_tensors=qwen3_moe.hf_tensors,
         weight_map=qwen3_moe.weight_map, tensor_parallel_plan=qwen3_moe.TENSOR_PARALLEL_PLAN,
+        parameter_count=_total(qwen3_moe.hf_tensors),
         active_parameter_count=qwen3_moe.active_parameter_count,
         checkpoint_views=qwen3_moe.checkpoint_views),
+    "vit": Family(
+        name="vit", kind="encoder", config_class=vit.ViTConfig, hf_model_types=tuple(vit.HF_MODEL_TYPES),
+        config_from_hf=vit.config_from_hf, config_to_hf=vit.config_to_hf, build=vit.build,
+        hf_tensors=vit.hf_tensors, weight_map=vit.weight_map, tensor_parallel_plan=vit.TENSOR_PARALLEL_PLAN,
+        parameter_count=vit.parameters_used, active_parameter_count=vit.parameters_used,
+        checkpoint_prefixes=vit.CHECKPOINT_PREFIXES),
 }
 
 

@@ -63,7 +63,7 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 
-def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+def config_from_hf(hf: dict[str, Any], where: str, directory=None) -> dict[str, Any]:
     return decoder.config_from_hf(Qwen2Config, hf, where, HF_DEFAULTS)
 
 

@@ -53,7 +53,7 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 
-def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+def config_from_hf(hf: dict[str, Any], where: str, directory=None) -> dict[str, Any]:
     """transformers 5.x writes the expert count as `num_local_experts`, older files `num_experts`."""
     values = decoder.config_from_hf(Qwen3MoeConfig, hf, where, HF_DEFAULTS,
                                     aliases={"num_local_experts": "num_experts"})

@@ -1,0 +1,331 @@
+"""The ViT family: the image encoder of Qwen-VL (OpenCLIP ViT-bigG/14) and plain ViTs (ViT-B/16).
+
+Patch embedding as a strided convolution -> [cls] token prepended -> learned absolute position
+embeddings -> (optional pre-LayerNorm, CLIP) -> pre-norm blocks (LayerNorm -> MHA -> residual ->
+LayerNorm -> GELU MLP -> residual) -> (optional final LayerNorm). Output: `last_hidden_state` as HF
+defines it, [batch, 1 + patches, width]. The batch is symbolic.
+
+Differences between HF ViTModel and CLIPVisionModel are fields, not code paths: `weight_layout` only
+names the checkpoint tensors; `patch_bias`, `pre_layernorm`, `final_layernorm` (CLIP applies its
+post_layernorm to the pooled [cls] output only, not to last_hidden_state), `hidden_act`, `qkv_bias`.
+Preprocessing fields follow HF's image processors (ViTImageProcessor, CLIPImageProcessor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from ..errors import UserError
+from ..schema import positive, read_json_object
+from .decoder import Shapes, parameter_count
+from .layers import F32
+
+GELUS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu")  # exact, tanh, tanh, x*sigmoid(1.702x)
+RESAMPLES = ("bilinear", "bicubic")
+LAYOUTS = ("vit", "clip")
+IMAGENET_STANDARD = [0.5, 0.5, 0.5]
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTConfig:
+    weight_layout: str  # checkpoint tensor names: "vit" (HF ViTModel) or "clip" (HF CLIPVisionModel)
+    image_size: int = positive()
+    patch_size: int = positive()
+    num_channels: int = positive()
+    hidden_size: int = positive()
+    num_hidden_layers: int = positive()
+    num_attention_heads: int = positive()
+    intermediate_size: int = positive()
+    hidden_act: str
+    layer_norm_eps: float = positive()
+    qkv_bias: bool
+    patch_bias: bool
+    use_cls_token: bool
+    pre_layernorm: bool
+    final_layernorm: bool
+    # Preprocessing, as HF's image processors do it: resize ("exact" to image_size x image_size, or
+    # "shortest_edge" to image_size then a center crop), rescale by 1/255, normalise per channel.
+    resize: str
+    resample: str
+    image_mean: list[float]
+    image_std: list[float]
+
+    def check(self, where: str) -> None:
+        if self.image_size % self.patch_size:
+            raise UserError(f"{where}: field 'image_size' ({self.image_size}) must be a multiple of "
+                            f"patch_size ({self.patch_size})")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"{where}: field 'hidden_size' ({self.hidden_size}) must be a multiple of "
+                            f"num_attention_heads ({self.num_attention_heads})")
+        for field, value, allowed in (("hidden_act", self.hidden_act, GELUS),
+                                      ("resample", self.resample, RESAMPLES),
+                                      ("weight_layout", self.weight_layout, LAYOUTS),
+                                      ("resize", self.resize, ("exact", "shortest_edge"))):
+            if value not in allowed:
+                raise UserError(f"{where}: field '{field}' must be one of {', '.join(allowed)}, got {value!r}")
+        for field in ("image_mean", "image_std"):
+            values = getattr(self, field)
+            if len(values) != self.num_channels:
+                raise UserError(f"{where}: field '{field}' has {len(values)} values, num_channels is "
+                                f"{self.num_channels}")
+        if any(v <= 0 for v in self.image_std):
+            raise UserError(f"{where}: field 'image_std' must be positive")
+        if self.weight_layout == "clip" and not (self.use_cls_token and self.qkv_bias and not self.patch_bias):
+            raise UserError(f"{where}: weight_layout 'clip' has a class embedding, q/k/v biases and no patch "
+                            f"bias (use_cls_token: true, qkv_bias: true, patch_bias: false)")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + int(self.use_cls_token)
+
+    def canonical(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- HF config.json ---------------------------------------------------------------------------------
+
+# Per HF model type: its config defaults (HF's) and the fixed traits of its architecture.
+HF_MODEL_TYPES: dict[str, dict[str, Any]] = {
+    "vit": dict(weight_layout="vit", image_size=224, patch_size=16, num_channels=3, hidden_size=768,
+                num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                layer_norm_eps=1e-12, qkv_bias=True, patch_bias=True, use_cls_token=True,
+                pre_layernorm=False, final_layernorm=True, resize="exact", resample="bilinear",
+                image_mean=IMAGENET_STANDARD, image_std=IMAGENET_STANDARD),
+    "clip_vision_model": dict(weight_layout="clip", image_size=224, patch_size=32, num_channels=3,
+                              hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                              qkv_bias=True, patch_bias=False, use_cls_token=True, pre_layernorm=True,
+                              final_layernorm=False, resize="shortest_edge", resample="bicubic",
+                              image_mean=CLIP_MEAN, image_std=CLIP_STD),
+}
+ARCHITECTURE_FIELDS = ("weight_layout", "patch_bias", "use_cls_token", "pre_layernorm", "final_layernorm")
+PREPROCESSOR_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
+
+
+def config_from_hf(hf: dict[str, Any], where: str, directory: Path | None = None) -> dict:
+    """config.json (+ preprocessor_config.json, when the checkpoint has one) -> ViTConfig fields."""
+    values = dict(HF_MODEL_TYPES[hf["model_type"]])
+    names = {f.name for f in dataclasses.fields(ViTConfig)} - set(ARCHITECTURE_FIELDS)
+    values |= {k: v for k, v in hf.items() if k in names and k not in ("image_mean", "image_std")}
+    preprocessor_path = directory / "preprocessor_config.json" if directory else None
+    preprocessor = (read_json_object(preprocessor_path, missing="")
+                    if preprocessor_path and preprocessor_path.is_file() else None)
+    if preprocessor:
+        size = preprocessor.get("crop_size") if preprocessor.get("do_center_crop") else preprocessor.get("size")
+        final = [size.get(k) for k in ("height", "width")] if isinstance(size, dict) else []
+        if "shortest_edge" in (preprocessor.get("size") or {}) and not preprocessor.get("do_center_crop"):
+            raise UserError(f"{preprocessor_path}: a shortest-edge resize needs a center crop here")
+        if final and final != [values.get("image_size")] * 2:
+            raise UserError(f"{preprocessor_path}: images are made {final[0]}x{final[1]}, the model "
+                            f"takes image_size {values.get('image_size')}")
+        values["resize"] = "shortest_edge" if "shortest_edge" in (preprocessor.get("size") or {}) else "exact"
+        if "resample" in preprocessor:
+            if preprocessor["resample"] not in PREPROCESSOR_RESAMPLE:
+                raise UserError(f"{where}: preprocessor resample {preprocessor['resample']!r} is not "
+                                f"bilinear (2) or bicubic (3)")
+            values["resample"] = PREPROCESSOR_RESAMPLE[preprocessor["resample"]]
+        for key in ("image_mean", "image_std"):
+            if key in preprocessor:
+                values[key] = preprocessor[key]
+    return values
+
+
+def config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
+    """config.json for the HF model type of this config's weight layout."""
+    model_type = {"vit": "vit", "clip": "clip_vision_model"}[cfg.weight_layout]
+    architecture = {"vit": "ViTModel", "clip": "CLIPVisionModel"}[cfg.weight_layout]
+    fields = {k: getattr(cfg, k) for k in ("image_size", "patch_size", "num_channels", "hidden_size",
+                                           "num_hidden_layers", "num_attention_heads",
+                                           "intermediate_size", "hidden_act", "layer_norm_eps")}
+    if cfg.weight_layout == "vit":
+        fields["qkv_bias"] = cfg.qkv_bias
+    return {"architectures": [architecture], "model_type": model_type, **fields}
+
+
+# --- Relax ------------------------------------------------------------------------------------------
+
+def _gelu(x: Tensor, kind: str) -> Tensor:
+    if kind == "gelu":
+        return op.gelu(x)  # exact (erf)
+    if kind == "quick_gelu":
+        return x * op.sigmoid(x * 1.702)
+    return op.gelu(x, approximate="tanh")
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: ViTConfig, dtype: str):
+        width, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.heads, self.act = cfg.num_attention_heads, cfg.hidden_act
+        self.norm1 = nn.LayerNorm(width, eps, dtype=dtype)
+        self.qkv = nn.Linear(width, 3 * width, bias=cfg.qkv_bias, dtype=dtype)
+        self.out = nn.Linear(width, width, bias=True, dtype=dtype)
+        self.norm2 = nn.LayerNorm(width, eps, dtype=dtype)
+        self.fc1 = nn.Linear(width, cfg.intermediate_size, bias=True, dtype=dtype)
+        self.fc2 = nn.Linear(cfg.intermediate_size, width, bias=True, dtype=dtype)
+
+    def attention(self, x: Tensor) -> Tensor:
+        """Multi-head self-attention over all tokens: x [b, t, width] -> [b, t, width]."""
+        b, t, width = x.shape
+        h = self.heads
+        d = width // h
+        qkv = op.permute_dims(op.reshape(self.qkv(x), (b, t, 3, h, d)), [2, 0, 3, 1, 4])  # [3, b, h, t, d]
+        q, k, v = (op.squeeze(part, 0) for part in op.split(qkv, 3, axis=0))
+        scores = op.matmul(q, op.permute_dims(k, [0, 1, 3, 2]), out_dtype=F32) * (1.0 / math.sqrt(d))
+        probs = op.softmax(scores, axis=-1).astype(x.dtype)  # [b, h, t, t]
+        out = op.permute_dims(op.matmul(probs, v), [0, 2, 1, 3])  # [b, t, h, d]
+        return self.out(op.reshape(out, (b, t, width)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.fc2(_gelu(self.fc1(self.norm2(x)), self.act))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig, dtype: str):
+        self.cfg = cfg
+        p, width = cfg.patch_size, cfg.hidden_size
+        self.patch_weight = nn.Parameter((width, cfg.num_channels, p, p), dtype)
+        if cfg.patch_bias:
+            self.patch_bias = nn.Parameter((width,), dtype)
+        if cfg.use_cls_token:
+            self.cls = nn.Parameter((width,), dtype)
+        self.position = nn.Parameter((cfg.num_positions, width), dtype)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """pixels [b, channels, size, size] -> tokens [b, (1 +) patches, width]."""
+        cfg, b = self.cfg, pixels.shape[0]
+        width, grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
+        patches = op.conv2d(pixels, self.patch_weight, self.patch_bias if cfg.patch_bias else None,
+                            stride=cfg.patch_size)  # [b, width, grid, grid]
+        tokens = op.permute_dims(op.reshape(patches, (b, width, grid * grid)), [0, 2, 1])
+        if cfg.use_cls_token:
+            cls = op.broadcast_to(op.reshape(self.cls, (1, 1, width)), (b, 1, width))
+            tokens = op.concat([cls, tokens], dim=1)
+        return tokens + op.reshape(self.position, (1, cfg.num_positions, width))
+
+
+class VisionTransformer(nn.Module):
+    """Entry point `encode(pixel_values [b, channels, size, size]) -> last_hidden_state`."""
+
+    def __init__(self, cfg: ViTConfig, dtype: str):
+        self.cfg, self.dtype = cfg, dtype
+        self.embeddings = Embeddings(cfg, dtype)
+        if cfg.pre_layernorm:
+            self.pre_norm = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
+        self.blocks = nn.ModuleList([EncoderBlock(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        if cfg.final_layernorm:
+            self.final_norm = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
+
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        x = self.embeddings(pixel_values.astype(self.dtype))
+        if self.cfg.pre_layernorm:
+            x = self.pre_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.cfg.final_layernorm:
+            x = self.final_norm(x)
+        return x.astype(F32)
+
+    def export_spec(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"encode": {"pixel_values": nn.spec.Tensor(["batch", c.num_channels, c.image_size,
+                                                           c.image_size], F32),
+                           "$": {"param_mode": "packed", "effect_mode": "none"}}}
+
+
+def build(cfg: ViTConfig, dtype: str) -> VisionTransformer:
+    return VisionTransformer(cfg, dtype)
+
+
+# --- checkpoint names -------------------------------------------------------------------------------
+
+def _names(cfg: ViTConfig) -> dict[str, Any]:
+    """Library parameter -> HF tensor name(s) for the config's weight layout (q/k/v fuse into qkv)."""
+    clip = cfg.weight_layout == "clip"
+    root = ""  # transformers 5.x CLIPVisionModel names; 4.x prefixed "vision_model." (see PREFIXES)
+    emb = f"{root}embeddings"
+    m: dict[str, Any] = {"embeddings.patch_weight": [f"{emb}.patch_embedding.weight" if clip
+                                                     else f"{emb}.patch_embeddings.projection.weight"],
+                         "embeddings.position": [f"{emb}.position_embedding.weight" if clip
+                                                 else f"{emb}.position_embeddings"]}
+    if cfg.patch_bias:
+        m["embeddings.patch_bias"] = [f"{emb}.patch_embeddings.projection.bias"]
+    if cfg.use_cls_token:
+        m["embeddings.cls"] = [f"{emb}.class_embedding" if clip else f"{emb}.cls_token"]
+    norms = {"pre_norm": "pre_layrnorm", "final_norm": "post_layernorm"} if clip else {"final_norm": "layernorm"}
+    for ours, theirs in norms.items():
+        if getattr(cfg, {"pre_norm": "pre_layernorm", "final_norm": "final_layernorm"}[ours]):
+            m |= {f"{ours}.{k}": [f"{root}{theirs}.{k}"] for k in ("weight", "bias")}
+    for i in range(cfg.num_hidden_layers):
+        b = f"blocks.{i}"
+        if clip:
+            p = f"{root}encoder.layers.{i}"
+            parts = {"norm1": f"{p}.layer_norm1", "out": f"{p}.self_attn.out_proj", "norm2": f"{p}.layer_norm2",
+                     "fc1": f"{p}.mlp.fc1", "fc2": f"{p}.mlp.fc2"}
+            qkv = [f"{p}.self_attn.{x}_proj" for x in "qkv"]
+        else:
+            p = f"encoder.layer.{i}"
+            parts = {"norm1": f"{p}.layernorm_before", "out": f"{p}.attention.output.dense",
+                     "norm2": f"{p}.layernorm_after", "fc1": f"{p}.intermediate.dense",
+                     "fc2": f"{p}.output.dense"}
+            qkv = [f"{p}.attention.attention.{x}" for x in ("query", "key", "value")]
+        for ours, theirs in parts.items():
+            m |= {f"{b}.{ours}.{k}": [f"{theirs}.{k}"] for k in ("weight", "bias")}
+        m[f"{b}.qkv.weight"] = [f"{x}.weight" for x in qkv]
+        if cfg.qkv_bias:
+            m[f"{b}.qkv.bias"] = [f"{x}.bias" for x in qkv]
+    return m
+
+
+def weight_map(cfg: ViTConfig) -> dict[str, list[str]]:
+    return _names(cfg)
+
+
+def hf_tensors(cfg: ViTConfig) -> Shapes:
+    """Every tensor the HF model of this layout has (CLIP's post_layernorm, which only pools, and
+    ViTModel's pooler included: a checkpoint may carry them; the encoder does not read them)."""
+    width, ffn, p, c = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size, cfg.num_channels
+    clip = cfg.weight_layout == "clip"
+    ours = {"embeddings.patch_weight": (width, c, p, p), "embeddings.patch_bias": (width,),
+            "embeddings.cls": (width,) if clip else (1, 1, width),
+            "embeddings.position": (cfg.num_positions, width) if clip else (1, cfg.num_positions, width)}
+    shapes: Shapes = {}
+    for name, hf_names in _names(cfg).items():
+        if name in ours:
+            shapes[hf_names[0]] = ours[name]
+            continue
+        leaf = name.split(".")[-2]
+        for hf_name in hf_names:
+            kind = hf_name.rsplit(".", 1)[1]
+            rows = {"fc1": ffn}.get(leaf, width)
+            cols = {"fc2": ffn}.get(leaf, width)
+            shapes[hf_name] = (rows, cols) if kind == "weight" and leaf not in (
+                "norm1", "norm2", "pre_norm", "final_norm") else (rows,)
+    extra = ({"post_layernorm.weight": (width,), "post_layernorm.bias": (width,)}
+             if clip else {"pooler.dense.weight": (width, width), "pooler.dense.bias": (width,)})
+    return shapes | {k: v for k, v in extra.items() if k not in shapes}
+
+
+def parameters_used(cfg: ViTConfig) -> int:
+    """Parameters the encoder computes with (unread pooling tensors excluded)."""
+    used = {n for names in _names(cfg).values() for n in names}
+    return parameter_count({k: v for k, v in hf_tensors(cfg).items() if k in used})
+
+
+# Checkpoint name prefixes read as if absent: transformers 4.x saved CLIPVisionModel under vision_model.
+CHECKPOINT_PREFIXES = ("vision_model.",)
+
+# Tensor-parallel plan (declared, not applied): as the decoders, q/k/v/fc1 column-wise, out/fc2 row-wise.
+TENSOR_PARALLEL_PLAN: dict[str, str] = {"blocks.*.qkv": "colwise", "blocks.*.out": "rowwise",
+                                        "blocks.*.fc1": "colwise", "blocks.*.fc2": "rowwise"}
