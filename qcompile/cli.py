@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,26 +135,54 @@ def cmd_init_weights(args) -> None:
     print(f"wrote random weights for {args.model} (seed {args.seed}, std {args.std}) to {out}")
 
 
+def _check_output_file(path: Path | None, flag: str) -> None:
+    """An output file's place is checked before any work, so a typo does not waste a run."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{flag}: {path}: is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag}: directory {path.parent} does not exist")
+
+
 def cmd_run(args) -> None:
     from . import api
+
+    looks_like_path = os.sep in str(args.library) or str(args.library).startswith(".")
+    if (args.library / "manifest.json").is_file() or (looks_like_path and not args.library.exists()):
+        from .pipeline import read_manifest
+
+        kind = read_manifest(args.library)["model"]["kind"]  # reports a missing library directory
+        load = lambda: api.load(args.library, weights=args.weights)  # noqa: E731
+    else:  # a MODEL: its registry entry for these build options
+        from .zoo import resolve_model
+
+        kind = resolve_model(args.library).family.kind
+        load = lambda: api.load(weights=args.weights, model=args.library, target=args.target,  # noqa: E731
+                                dtype=args.dtype, max_seq_len=args.max_seq_len)
+    wanted, unwanted = (("--prompt-ids", ("--image", "--features-out")) if kind == "decoder"
+                        else ("--image", ("--prompt-ids", "--logits-out", "--eos-id")))
+    given = {flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--image", args.image),
+                                      ("--features-out", args.features_out),
+                                      ("--logits-out", args.logits_out), ("--eos-id", args.eos_id))
+             if value is not None}
+    if wanted not in given:
+        raise UserError(f"run: {wanted} is needed for this {kind}")
+    if given & set(unwanted):
+        raise UserError(f"run: {sorted(given & set(unwanted))[0]} does not apply to this {kind}")
+    (run_decoder if kind == "decoder" else run_encoder)(args, load)
+
+
+def run_decoder(args, load) -> None:
     from .atomic import save_npy
 
     prompt = parse_token_ids(args.prompt_ids)
-    if args.logits_out is not None:  # checked before any work
-        if args.logits_out.is_dir():
-            raise UserError(f"--logits-out: {args.logits_out}: is a directory; give a file path")
-        if not args.logits_out.parent.is_dir():
-            raise UserError(f"--logits-out: directory {args.logits_out.parent} does not exist")
-    looks_like_path = os.sep in str(args.library) or str(args.library).startswith(".")
-    if (args.library / "manifest.json").is_file() or (looks_like_path and not args.library.exists()):
-        model = api.load(args.library, weights=args.weights)  # reports a missing library directory
-    else:  # a MODEL: its registry entry for these build options
-        model = api.load(weights=args.weights, model=args.library, target=args.target, dtype=args.dtype,
-                         max_seq_len=args.max_seq_len)
+    _check_output_file(args.logits_out, "--logits-out")
+    model = load()
     new = model.generate(prompt, args.max_new_tokens, eos_token_id=args.eos_id)
     stats = model.last_stats
     if args.logits_out is not None:
-        save_npy(Path(args.logits_out), model.last_prompt_logits)
+        save_npy(args.logits_out, model.last_prompt_logits)
     result = {"prompt_ids": prompt, "generated_ids": new.tolist(),
               "prefill_seconds": stats.prefill_seconds, "decode_tokens_per_s": stats.decode_tokens_per_s}
     if args.json:
@@ -162,6 +191,28 @@ def cmd_run(args) -> None:
     rate = stats.decode_tokens_per_s
     print(f"prefill {len(prompt)} tokens: {stats.prefill_seconds * 1e3:.1f} ms; decode: "
           + (f"{rate:.1f} tokens/s" if rate else "n/a (fewer than 2 new tokens)"))
+
+
+def run_encoder(args, load) -> None:
+    from .atomic import save_npy
+    from .vision import as_pixel_values
+
+    _check_output_file(args.features_out, "--features-out")
+    model = load()
+    pixels = as_pixel_values(args.image, model.spec.config)  # reads and checks every image first
+    start = time.perf_counter()
+    features = model.encode(pixels)
+    seconds = time.perf_counter() - start
+    if args.features_out is not None:
+        save_npy(args.features_out, features)
+    result = {"images": [str(p) for p in args.image], "shape": list(features.shape),
+              "encode_seconds": seconds, "images_per_s": len(args.image) / seconds,
+              "cls_features_head": features[:, 0, :4].round(5).tolist()}
+    if args.json:
+        return _emit_json(result)
+    print(f"last_hidden_state {result['shape']} for {len(args.image)} image(s) in {seconds * 1e3:.1f} ms "
+          f"({result['images_per_s']:.1f} images/s)" + (f"; saved to {args.features_out}"
+                                                       if args.features_out else ""))
 
 
 def _registry():
@@ -288,19 +339,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the safetensors above this size, with an index file (default 2048)")
     p.set_defaults(func=cmd_init_weights)
 
-    p = sub.add_parser("run", help="generate greedily with a built library")
+    p = sub.add_parser("run", help="generate greedily (decoders) or encode images (encoders) with a library")
     p.add_argument("library", type=Path, metavar="LIBRARY|MODEL",
                    help="a library directory, or a MODEL whose registry entry (for --target and the "
                         "build options below, as given to compile --register) is loaded")
     p.add_argument("--target", default="cpu", help="with a MODEL: the target it was built for (cpu)")
     build_options(p, dtype_help="with a MODEL: its build dtype", seq_help="with a MODEL: its --max-seq-len")
     p.add_argument("--weights", type=Path, required=True, help="HF checkpoint directory")
-    p.add_argument("--prompt-ids", required=True, help='prompt token ids, e.g. "3 14 15"')
+    p.add_argument("--prompt-ids", help='decoders: prompt token ids, e.g. "3 14 15"')
+    p.add_argument("--image", type=Path, action="append",
+                   help="encoders: an image file (repeat for a batch); preprocessed as the model's HF "
+                        "image processor does")
+    p.add_argument("--features-out", type=Path,
+                   help="encoders: save last_hidden_state, float32 [images, tokens, width], as .npy")
     p.add_argument("--max-new-tokens", type=_non_negative_int, default=16, help="tokens to generate (16)")
     p.add_argument("--eos-id", type=_non_negative_int, help="stop after generating this token id")
     p.add_argument("--logits-out", type=Path, help="save the prompt's logits, float32 [prompt_len, vocab]")
     p.add_argument("--json", action="store_true",
-                   help="print {prompt_ids, generated_ids, prefill_seconds, decode_tokens_per_s}")
+                   help="decoders: print {prompt_ids, generated_ids, prefill_seconds, decode_tokens_per_s}; "
+                        "encoders: {images, shape, encode_seconds, images_per_s, cls_features_head}")
     p.set_defaults(func=cmd_run)
 
     registry = sub.add_parser("registry", help="the store of built libraries (compile --register)")
