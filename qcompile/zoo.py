@@ -98,13 +98,16 @@ def load_checkpoint_config(directory: Path) -> ModelSpec:
 
 
 def resolve_model(model: str | os.PathLike) -> ModelSpec:
-    """MODEL as the CLI and API take it: an existing directory is a checkpoint, otherwise a zoo name."""
+    """MODEL as the CLI and API take it: a directory with a config.json is a checkpoint, otherwise a zoo
+    name (so `compile qwen2-debug -o qwen2-debug` can be run twice)."""
     text = os.fspath(model)
-    if Path(text).is_dir():
+    if (Path(text) / "config.json").is_file():
         return load_checkpoint_config(Path(text))
     zoo = load_zoo()
-    if text in zoo:
+    if text in zoo:  # a zoo name wins over a same-named directory that is not a checkpoint
         return zoo[text]
+    if Path(text).is_dir():
+        return load_checkpoint_config(Path(text))  # says what is missing
     if os.sep in text or text.startswith("."):
         raise UserError(f"{text}: no such model directory")
     raise UserError(f"unknown model '{text}' (not a directory; zoo models: {', '.join(zoo)})")

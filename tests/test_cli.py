@@ -175,3 +175,12 @@ def test_real_process_exit_status_and_help(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     helped = subprocess.run([sys.executable, "-m", "qcompile", "run", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--logits-out" in helped.stdout
+
+
+def test_output_named_like_the_model_does_not_shadow_it(capsys, tmp_path, monkeypatch):
+    """`compile qwen2-debug -o qwen2-debug` twice: the library dir is not taken for a checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        code, _, err = run_cli(capsys, "compile", "qwen2-debug", "-o", "qwen2-debug", "--max-seq-len", 16)
+        assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen2-debug"]
