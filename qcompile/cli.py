@@ -151,15 +151,17 @@ def cmd_run(args) -> None:
     looks_like_path = os.sep in str(args.library) or str(args.library).startswith(".")
     if (args.library / "manifest.json").is_file() or (looks_like_path and not args.library.exists()):
         from .pipeline import read_manifest
+        from .runtime import spec_from_manifest
 
-        kind = read_manifest(args.library)["model"]["kind"]  # reports a missing library directory
+        spec = spec_from_manifest(read_manifest(args.library))  # reports a missing library directory
         load = lambda: api.load(args.library, weights=args.weights)  # noqa: E731
     else:  # a MODEL: its registry entry for these build options
         from .zoo import resolve_model
 
-        kind = resolve_model(args.library).family.kind
+        spec = resolve_model(args.library)
         load = lambda: api.load(weights=args.weights, model=args.library, target=args.target,  # noqa: E731
                                 dtype=args.dtype, max_seq_len=args.max_seq_len)
+    kind = spec.family.kind
     wanted, unwanted = (("--prompt-ids", ("--image", "--features-out")) if kind == "decoder"
                         else ("--image", ("--prompt-ids", "--logits-out", "--eos-id")))
     given = {flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--image", args.image),
@@ -170,10 +172,10 @@ def cmd_run(args) -> None:
         raise UserError(f"run: {wanted} is needed for this {kind}")
     if given & set(unwanted):
         raise UserError(f"run: {sorted(given & set(unwanted))[0]} does not apply to this {kind}")
-    (run_decoder if kind == "decoder" else run_encoder)(args, load)
+    (run_decoder if kind == "decoder" else run_encoder)(args, spec, load)
 
 
-def run_decoder(args, load) -> None:
+def run_decoder(args, spec, load) -> None:
     from .atomic import save_npy
 
     prompt = parse_token_ids(args.prompt_ids)
@@ -193,13 +195,13 @@ def run_decoder(args, load) -> None:
           + (f"{rate:.1f} tokens/s" if rate else "n/a (fewer than 2 new tokens)"))
 
 
-def run_encoder(args, load) -> None:
+def run_encoder(args, spec, load) -> None:
     from .atomic import save_npy
     from .vision import as_pixel_values
 
     _check_output_file(args.features_out, "--features-out")
+    pixels = as_pixel_values(args.image, spec.config)  # every image is read and checked before the weights
     model = load()
-    pixels = as_pixel_values(args.image, model.spec.config)  # reads and checks every image first
     start = time.perf_counter()
     features = model.encode(pixels)
     seconds = time.perf_counter() - start

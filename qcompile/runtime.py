@@ -55,7 +55,7 @@ def verify_library(directory: Path, manifest: dict[str, Any], private_dir: Path)
     return copy
 
 
-def _spec_from_manifest(manifest: dict[str, Any]) -> ModelSpec:
+def spec_from_manifest(manifest: dict[str, Any]) -> ModelSpec:
     model = manifest["model"]
     family = FAMILIES[model["family"]]
     config = build_record(family.config_class, model["config"], "manifest.json: model")
@@ -67,8 +67,9 @@ def _check_checkpoint_matches(spec: ModelSpec, weights: Path) -> None:
     if not (Path(weights) / "config.json").is_file():
         return  # bare safetensors: tensor names and shapes are still checked on load
     theirs = load_checkpoint_config(weights).config.canonical()
+    runtime_only = getattr(spec.config, "PREPROCESSING_FIELDS", ())  # the library's settings win
     for key, value in spec.config.canonical().items():
-        if theirs.get(key) != value:
+        if key not in runtime_only and theirs.get(key) != value:
             raise UserError(f"{weights}: checkpoint's {key} is {theirs.get(key)!r}, "
                             f"the library was built with {value!r}")
 
@@ -95,7 +96,7 @@ class Library:
 
         self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
-        self.spec = _spec_from_manifest(manifest)
+        self.spec = spec_from_manifest(manifest)
         params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
         self.device = tvm.cpu(0)
         with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:

@@ -25,7 +25,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # Marks a checkpoint of random weights, which init-weights may overwrite (and nothing else).
 RANDOM_MARKER = ".qcompile-random-weights"
 # Buffers some older checkpoints carry that are recomputed, not loaded.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def parameter_count(spec: ModelSpec) -> int:
@@ -142,6 +142,8 @@ def write_random_checkpoint(spec: ModelSpec, out: Path, *, seed: int = 0, std: f
     with atomic_dir(Path(out), replaceable=lambda d: (d / RANDOM_MARKER).is_file()) as tmp:
         (tmp / RANDOM_MARKER).write_text("random weights written by `qcompile init-weights`\n")
         write_json(tmp / "config.json", spec.family.config_to_hf(spec.config))
+        for name, content in spec.family.checkpoint_files(spec.config).items():
+            write_json(tmp / name, content)
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         for name, array in random_tensors(spec, seed=seed, std=std):

@@ -94,6 +94,8 @@ CASES = {
     "sparse-step-2": dict(decoder_sparse_step=2, norm_topk_prob=True),  # layer 1 sparse only
     "mlp-only-layers": dict(mlp_only_layers=[0, 2], norm_topk_prob=True),
     "tied-topk3": dict(tie_word_embeddings=True, num_experts_per_tok=3, norm_topk_prob=True),
+    "bias-sliding-window": dict(attention_bias=True, use_sliding_window=True, sliding_window=5,
+                                norm_topk_prob=True),  # every layer slides; prompt > window
 }
 PROMPT = np.random.default_rng(11).integers(0, 200, 18)
 

@@ -27,13 +27,25 @@ CASES = {
 }
 
 
-def hf_processor(model_type: str, size: int):
+# Each case's processor uses non-default settings, so a test passes only if preprocessor_config.json is read.
+PROCESSORS = {
+    "vit-patch8": dict(size={"height": 32, "width": 32}, resample=3, image_mean=[0.4, 0.5, 0.6],
+                       image_std=[0.2, 0.25, 0.3]),
+    "vit-patch4-no-qkv-bias": dict(size={"height": 20, "width": 20}, do_center_crop=True,
+                                   crop_size={"height": 16, "width": 16}, rescale_factor=1 / 127.5,
+                                   do_normalize=False),
+    "clip-patch6": dict(size={"shortest_edge": 34}, crop_size={"height": 30, "width": 30}, resample=2),
+}
+
+
+def hf_processor(case_name: str):
+    """HF's image processor (PIL backend: transformers 5.x's ViTImageProcessor / CLIPImageProcessor names
+    are the torchvision backend, which is not installed here)."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-    if model_type == "vit":
-        return ViTImageProcessorPil(size={"height": size, "width": size})
-    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    model_name = CASES[case_name][0]
+    return (ViTImageProcessorPil if model_name == "ViTModel" else CLIPImageProcessorPil)(**PROCESSORS[case_name])
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -52,14 +64,15 @@ def case(request, tmp_path_factory, libraries):
                 p.add_(1.0)
     ckpt = tmp_path_factory.mktemp("vit") / request.param
     hf.save_pretrained(ckpt)
-    hf_processor(hf.config.model_type, fields["image_size"]).save_pretrained(ckpt)
+    processor = hf_processor(request.param)
+    processor.save_pretrained(ckpt)
     ours = qcompile.load(libraries.get(ckpt), weights=ckpt)
-    return ours, hf, ckpt
+    return ours, hf, ckpt, processor
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_last_hidden_state_matches(case, batch):
-    ours, hf, _ = case
+    ours, hf, _, processor = case
     size = hf.config.image_size
     pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
     with torch.no_grad():
@@ -71,33 +84,69 @@ def test_last_hidden_state_matches(case, batch):
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    """Real image files of odd sizes: a PNG (RGB), a JPEG, and a grayscale PNG."""
+    """Real image files of odd sizes: RGB PNG, JPEG, grayscale PNG, RGBA PNG, palette PNG with a
+    transparent colour, and a JPEG whose EXIF orientation (6) says rotate."""
     root, rng = tmp_path_factory.mktemp("images"), np.random.default_rng(0)
     smooth = np.cumsum(rng.integers(0, 9, (47, 61, 3)), axis=1) % 256  # gradients, not just noise
+    rgba = np.concatenate([smooth, rng.integers(0, 256, (47, 61, 1))], axis=-1).astype(np.uint8)
+    palette = Image.fromarray(smooth.astype(np.uint8)).convert("P")
+    palette.info["transparency"] = 0
     files = {"a.png": Image.fromarray(smooth.astype(np.uint8)),
              "b.jpg": Image.fromarray(rng.integers(0, 256, (80, 53, 3), dtype=np.uint8)),
-             "c.png": Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), mode="L")}
+             "c.png": Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), mode="L"),
+             "d.png": Image.fromarray(rgba, mode="RGBA"), "e.png": palette}
     for name, image in files.items():
         image.save(root / name)
-    return [root / name for name in files]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth.astype(np.uint8)).save(root / "f.jpg", exif=exif)
+    return [root / name for name in (*files, "f.jpg")]
 
 
 def test_preprocessing_matches_hf_processors(case, image_files):
-    ours, hf, _ = case
-    processor = hf_processor(hf.config.model_type, hf.config.image_size)
+    """Paths, as HF reads them (load_image: EXIF orientation, RGB), then the case's processor."""
+    from transformers.image_utils import load_image
+
     from qcompile.vision import as_pixel_values
 
+    ours, _, _, processor = case
     for path in image_files:
-        expected = processor(images=[Image.open(path).convert("RGB")], return_tensors="np")["pixel_values"]
+        expected = processor(images=[load_image(str(path))], return_tensors="np")["pixel_values"]
         got = as_pixel_values([path], ours.spec.config)
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= 1e-5, path
 
 
+def test_pil_images_with_transparency_match_hf(case, image_files):
+    """PIL inputs go to the processor as they are: CLIP composites transparency onto white."""
+    from qcompile.vision import as_pixel_values
+
+    ours, _, _, processor = case
+    if not ours.spec.config.convert_rgb:
+        pytest.skip("HF's ViT processor does not convert RGBA; only RGB PIL inputs are defined there")
+    for path in image_files:
+        image = Image.open(path)
+        expected = processor(images=[image], return_tensors="np")["pixel_values"]
+        assert np.abs(as_pixel_values([image], ours.spec.config) - expected).max() <= 1e-5, path
+
+
+def test_center_crop_pads_small_images_like_hf():
+    from transformers.image_transforms import center_crop
+
+    from qcompile.vision import _center_crop
+
+    rng = np.random.default_rng(3)
+    for h, w in ((5, 9), (16, 7), (7, 16), (20, 25), (16, 16), (3, 3)):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        expected = center_crop(pixels, (16, 16), input_data_format="channels_last")
+        np.testing.assert_array_equal(_center_crop(pixels, 16), expected)
+
+
 def test_images_to_features_end_to_end(case, image_files):
-    ours, hf, _ = case
-    processor = hf_processor(hf.config.model_type, hf.config.image_size)
-    images = [Image.open(p).convert("RGB") for p in image_files]
+    from transformers.image_utils import load_image
+
+    ours, hf, _, processor = case
+    images = [load_image(str(p)) for p in image_files]
     with torch.no_grad():
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         expected = hf(pixel_values=pixels).last_hidden_state.numpy()
@@ -106,14 +155,56 @@ def test_images_to_features_end_to_end(case, image_files):
 
 
 def test_checkpoint_preprocessor_config_is_read(case):
-    ours, hf, _ = case
+    ours, hf, _, processor = case
     cfg = ours.spec.config
-    expected = {"vit": ("exact", "bilinear"), "clip_vision_model": ("shortest_edge", "bicubic")}
-    assert (cfg.resize, cfg.resample) == expected[hf.config.model_type]
+    p = PROCESSORS[[name for name in CASES if CASES[name][2]["image_size"] == hf.config.image_size
+                    and CASES[name][0] == type(hf).__name__][0]]
+    resize_size = cfg.resize_size or cfg.image_size
+    if "shortest_edge" in p["size"]:
+        assert (cfg.resize, resize_size, cfg.center_crop) == ("shortest_edge", p["size"]["shortest_edge"], True)
+    else:
+        assert (cfg.resize, resize_size) == ("exact", p["size"]["height"])
+        assert cfg.center_crop == p.get("do_center_crop", False)
+    assert cfg.resample == {2: "bilinear", 3: "bicubic"}[processor.resample]
+    assert cfg.rescale_factor == pytest.approx(p.get("rescale_factor", 1 / 255))
+    assert cfg.image_mean == (None if p.get("do_normalize") is False else list(processor.image_mean))
+
+
+def test_init_weights_writes_a_processor_config(tmp_path):
+    """init-weights writes preprocessor_config.json, so transformers and qcompile read one setting."""
+    import transformers
+
+    ckpt = qcompile.init_weights("vit-debug", out=tmp_path / "ck")
+    hf = transformers.AutoImageProcessor.from_pretrained(str(ckpt), backend="pil")
+    assert (hf.size["height"], list(hf.image_mean)) == (32, [0.5, 0.5, 0.5])
+    from qcompile.zoo import load_checkpoint_config
+
+    assert load_checkpoint_config(ckpt).config == resolve_model("vit-debug").config
+
+
+@pytest.mark.parametrize("content,needle", [
+    ({"size": "big"}, "field 'size' must be a positive int"),
+    ({"size": {"height": 32, "width": 30}}, "must be a positive int or a square"),
+    ({"resample": [3]}, "field 'resample' must be 2 (bilinear) or 3 (bicubic)"),
+    ({"do_center_crop": True, "crop_size": 28}, "crop_size 28 differs from the model's image_size 32"),
+    ({"rescale_factor": -1}, "field 'rescale_factor' must be a positive number"),
+    ({"image_mean": "grey"}, "field 'image_mean' must be a number or a list"),
+    ({"do_resize": "yes"}, "field 'do_resize' must be true or false"),
+])
+def test_bad_preprocessor_config_is_named(tmp_path, content, needle):
+    import json as _json
+
+    from qcompile.zoo import load_checkpoint_config
+
+    ckpt = qcompile.init_weights("vit-debug", out=tmp_path / "ck")
+    (ckpt / "preprocessor_config.json").write_text(_json.dumps(content))
+    with pytest.raises(UserError) as info:
+        load_checkpoint_config(ckpt)
+    assert "preprocessor_config.json: " in str(info.value) and needle in str(info.value), str(info.value)
 
 
 def test_encoder_cli(case, image_files, tmp_path, capsys):
-    ours, hf, ckpt = case
+    ours, hf, ckpt, _ = case
     lib = tmp_path / "lib"
     assert main(["compile", str(ckpt), "-o", str(lib)]) == 0
     out = tmp_path / "features.npy"
@@ -142,7 +233,7 @@ def test_encoder_cli(case, image_files, tmp_path, capsys):
 
 
 def test_pixel_values_of_the_wrong_shape_are_refused(case):
-    ours, hf, _ = case
+    ours, hf, _, processor = case
     size = hf.config.image_size
     for shape in ((1, 4, size, size), (1, 3, size + 1, size), (3, size, size)):
         with pytest.raises(UserError, match=r"pixel_values: expected \[batch, 3, "):

@@ -28,6 +28,8 @@ class Family:
     active_parameter_count: Callable[[Any], int]
     # Fused tensors a checkpoint may hold instead of several HF tensors: name -> {tensor: index}.
     checkpoint_views: Callable[[Any], dict[str, dict[str, tuple]]] = lambda _cfg: {}
+    # Other JSON files of an HF checkpoint directory that init-weights writes: file name -> content.
+    checkpoint_files: Callable[[Any], dict[str, dict]] = lambda _cfg: {}
     # Name prefixes some checkpoints carry that the family's tensor names do not (stripped on load).
     checkpoint_prefixes: tuple[str, ...] = ()
 
@@ -56,7 +58,8 @@ FAMILIES: dict[str, Family] = {
         config_from_hf=vit.config_from_hf, config_to_hf=vit.config_to_hf, build=vit.build,
         hf_tensors=vit.hf_tensors, weight_map=vit.weight_map, tensor_parallel_plan=vit.TENSOR_PARALLEL_PLAN,
         parameter_count=vit.parameters_used, active_parameter_count=vit.parameters_used,
-        checkpoint_prefixes=vit.CHECKPOINT_PREFIXES),
+        checkpoint_prefixes=vit.CHECKPOINT_PREFIXES,
+        checkpoint_files=lambda cfg: {vit.PREPROCESSOR_FILE: vit.preprocessor_to_hf(cfg)}),
 }
 
 

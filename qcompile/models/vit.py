@@ -50,12 +50,23 @@ class ViTConfig:
     use_cls_token: bool
     pre_layernorm: bool
     final_layernorm: bool
-    # Preprocessing, as HF's image processors do it: resize ("exact" to image_size x image_size, or
-    # "shortest_edge" to image_size then a center crop), rescale by 1/255, normalise per channel.
+    # Preprocessing, as HF's image processors do it (qcompile.vision): convert to RGB (compositing
+    # transparency onto white when `convert_rgb`, CLIP's do_convert_rgb) -> resize ("exact" to
+    # resize_size square, "shortest_edge" to resize_size, or "none") -> center crop to image_size
+    # (zero-padding a smaller image) -> rescale by rescale_factor -> normalise (if image_mean is set).
+    convert_rgb: bool
     resize: str
     resample: str
-    image_mean: list[float]
-    image_std: list[float]
+    center_crop: bool
+    image_mean: list[float] | None
+    image_std: list[float] | None
+    resize_size: int | None = positive(None)  # None: image_size
+    rescale_factor: float | None = positive(1 / 255)  # None: no rescale
+
+    # Preprocessing fields: they decide the runtime's input pipeline, not the compiled code or the
+    # checkpoint's tensors (so a checkpoint is not refused over them; the library's settings win).
+    PREPROCESSING_FIELDS = ("convert_rgb", "resize", "resample", "center_crop", "image_mean", "image_std",
+                            "resize_size", "rescale_factor")
 
     def check(self, where: str) -> None:
         if self.image_size % self.patch_size:
@@ -67,19 +78,21 @@ class ViTConfig:
         for field, value, allowed in (("hidden_act", self.hidden_act, GELUS),
                                       ("resample", self.resample, RESAMPLES),
                                       ("weight_layout", self.weight_layout, LAYOUTS),
-                                      ("resize", self.resize, ("exact", "shortest_edge"))):
+                                      ("resize", self.resize, ("exact", "shortest_edge", "none"))):
             if value not in allowed:
                 raise UserError(f"{where}: field '{field}' must be one of {', '.join(allowed)}, got {value!r}")
+        if (self.image_mean is None) != (self.image_std is None):
+            raise UserError(f"{where}: fields 'image_mean' and 'image_std' go together (both or neither)")
         for field in ("image_mean", "image_std"):
             values = getattr(self, field)
-            if len(values) != self.num_channels:
+            if values is not None and len(values) != self.num_channels:
                 raise UserError(f"{where}: field '{field}' has {len(values)} values, num_channels is "
                                 f"{self.num_channels}")
-        if any(v <= 0 for v in self.image_std):
+        if any(v <= 0 for v in self.image_std or ()):
             raise UserError(f"{where}: field 'image_std' must be positive")
-        if self.weight_layout == "clip" and not (self.use_cls_token and self.qkv_bias and not self.patch_bias):
-            raise UserError(f"{where}: weight_layout 'clip' has a class embedding, q/k/v biases and no patch "
-                            f"bias (use_cls_token: true, qkv_bias: true, patch_bias: false)")
+        if self.weight_layout == "clip" and not (self.qkv_bias and not self.patch_bias):
+            raise UserError(f"{where}: weight_layout 'clip' has q/k/v biases and no patch bias "
+                            f"(qkv_bias: true, patch_bias: false)")
 
     @property
     def num_patches(self) -> int:
@@ -100,45 +113,110 @@ HF_MODEL_TYPES: dict[str, dict[str, Any]] = {
     "vit": dict(weight_layout="vit", image_size=224, patch_size=16, num_channels=3, hidden_size=768,
                 num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
                 layer_norm_eps=1e-12, qkv_bias=True, patch_bias=True, use_cls_token=True,
-                pre_layernorm=False, final_layernorm=True, resize="exact", resample="bilinear",
-                image_mean=IMAGENET_STANDARD, image_std=IMAGENET_STANDARD),
+                pre_layernorm=False, final_layernorm=True, convert_rgb=False, resize="exact",
+                resample="bilinear", center_crop=False, image_mean=IMAGENET_STANDARD,
+                image_std=IMAGENET_STANDARD),
     "clip_vision_model": dict(weight_layout="clip", image_size=224, patch_size=32, num_channels=3,
                               hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                               intermediate_size=3072, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                               qkv_bias=True, patch_bias=False, use_cls_token=True, pre_layernorm=True,
-                              final_layernorm=False, resize="shortest_edge", resample="bicubic",
-                              image_mean=CLIP_MEAN, image_std=CLIP_STD),
+                              final_layernorm=False, convert_rgb=True, resize="shortest_edge",
+                              resample="bicubic", center_crop=True, image_mean=CLIP_MEAN,
+                              image_std=CLIP_STD),
 }
 ARCHITECTURE_FIELDS = ("weight_layout", "patch_bias", "use_cls_token", "pre_layernorm", "final_layernorm")
+PREPROCESSOR_FILE = "preprocessor_config.json"
 PREPROCESSOR_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
 
 
 def config_from_hf(hf: dict[str, Any], where: str, directory: Path | None = None) -> dict:
     """config.json (+ preprocessor_config.json, when the checkpoint has one) -> ViTConfig fields."""
     values = dict(HF_MODEL_TYPES[hf["model_type"]])
-    names = {f.name for f in dataclasses.fields(ViTConfig)} - set(ARCHITECTURE_FIELDS)
-    values |= {k: v for k, v in hf.items() if k in names and k not in ("image_mean", "image_std")}
-    preprocessor_path = directory / "preprocessor_config.json" if directory else None
-    preprocessor = (read_json_object(preprocessor_path, missing="")
-                    if preprocessor_path and preprocessor_path.is_file() else None)
-    if preprocessor:
-        size = preprocessor.get("crop_size") if preprocessor.get("do_center_crop") else preprocessor.get("size")
-        final = [size.get(k) for k in ("height", "width")] if isinstance(size, dict) else []
-        if "shortest_edge" in (preprocessor.get("size") or {}) and not preprocessor.get("do_center_crop"):
-            raise UserError(f"{preprocessor_path}: a shortest-edge resize needs a center crop here")
-        if final and final != [values.get("image_size")] * 2:
-            raise UserError(f"{preprocessor_path}: images are made {final[0]}x{final[1]}, the model "
-                            f"takes image_size {values.get('image_size')}")
-        values["resize"] = "shortest_edge" if "shortest_edge" in (preprocessor.get("size") or {}) else "exact"
-        if "resample" in preprocessor:
-            if preprocessor["resample"] not in PREPROCESSOR_RESAMPLE:
-                raise UserError(f"{where}: preprocessor resample {preprocessor['resample']!r} is not "
-                                f"bilinear (2) or bicubic (3)")
-            values["resample"] = PREPROCESSOR_RESAMPLE[preprocessor["resample"]]
-        for key in ("image_mean", "image_std"):
-            if key in preprocessor:
-                values[key] = preprocessor[key]
+    names = {f.name for f in dataclasses.fields(ViTConfig)} - set(ARCHITECTURE_FIELDS) \
+        - set(ViTConfig.PREPROCESSING_FIELDS)
+    values |= {k: v for k, v in hf.items() if k in names}
+    path = directory / PREPROCESSOR_FILE if directory else None
+    if path is not None and path.is_file():
+        values |= preprocessing_from_hf(read_json_object(path, missing=""), values, str(path))
     return values
+
+
+def preprocessing_from_hf(p: dict[str, Any], values: dict[str, Any], where: str) -> dict[str, Any]:
+    """preprocessor_config.json -> preprocessing fields, with HF's semantics and the defaults of the
+    model type's processor (ViTImageProcessor / CLIPImageProcessor) for absent keys."""
+    squares = values["weight_layout"] == "vit"  # HF: an int size is a square for ViT, a short edge for CLIP
+
+    def flag(key: str, default: bool) -> bool:
+        value = p.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: field '{key}' must be true or false, got {value!r}")
+        return value
+
+    def square(key: str, value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        if isinstance(value, dict) and value.get("height") == value.get("width") \
+                and isinstance(value.get("height"), int) and value["height"] > 0:
+            return value["height"]
+        raise UserError(f"{where}: field '{key}' must be a positive int or a square "
+                        f"{{height, width}}, got {value!r}")
+
+    out: dict[str, Any] = {"convert_rgb": flag("do_convert_rgb", values["convert_rgb"])}
+    size = p.get("size")
+    if not flag("do_resize", True):
+        out["resize"], out["resize_size"] = "none", None
+    elif isinstance(size, dict) and "shortest_edge" in size or (isinstance(size, int) and not squares):
+        edge = size["shortest_edge"] if isinstance(size, dict) else size
+        if not isinstance(edge, int) or isinstance(edge, bool) or edge <= 0 or set(size if isinstance(
+                size, dict) else ()) - {"shortest_edge"}:
+            raise UserError(f"{where}: field 'size' {size!r}: only a shortest_edge alone is supported")
+        out["resize"], out["resize_size"] = "shortest_edge", edge
+    elif size is not None:
+        out["resize"], out["resize_size"] = "exact", square("size", size)
+    if out.get("resize_size") == values["image_size"]:
+        out["resize_size"] = None  # one spelling: None means image_size
+    if "resample" in p:
+        if not isinstance(p["resample"], int) or p["resample"] not in PREPROCESSOR_RESAMPLE:
+            raise UserError(f"{where}: field 'resample' must be 2 (bilinear) or 3 (bicubic), "
+                            f"got {p['resample']!r}")
+        out["resample"] = PREPROCESSOR_RESAMPLE[p["resample"]]
+    out["center_crop"] = flag("do_center_crop", values["center_crop"])
+    if out["center_crop"] and "crop_size" in p and square("crop_size", p["crop_size"]) != values["image_size"]:
+        raise UserError(f"{where}: crop_size {p['crop_size']!r} differs from the model's image_size "
+                        f"{values['image_size']}")
+    factor = p.get("rescale_factor", 1 / 255)
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        raise UserError(f"{where}: field 'rescale_factor' must be a positive number, got {factor!r}")
+    out["rescale_factor"] = float(factor) if flag("do_rescale", True) else None
+    if flag("do_normalize", True):
+        for key in ("image_mean", "image_std"):
+            value = p.get(key, values[key])
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [float(value)] * values["num_channels"]  # HF accepts one value for all channels
+            if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
+                raise UserError(f"{where}: field '{key}' must be a number or a list of numbers, got {value!r}")
+            out[key] = [float(v) for v in value]
+    else:
+        out["image_mean"] = out["image_std"] = None
+    return out
+
+
+def preprocessor_to_hf(cfg: ViTConfig) -> dict[str, Any]:
+    """The preprocessor_config.json of HF's processor class for this layout, with this config's settings."""
+    size = cfg.resize_size or cfg.image_size
+    return {
+        "image_processor_type": {"vit": "ViTImageProcessor", "clip": "CLIPImageProcessor"}[cfg.weight_layout],
+        "do_convert_rgb": cfg.convert_rgb, "do_resize": cfg.resize != "none",
+        "size": {"shortest_edge": size} if cfg.resize == "shortest_edge" else {"height": size, "width": size},
+        "resample": {v: k for k, v in PREPROCESSOR_RESAMPLE.items()}[cfg.resample],
+        "do_center_crop": cfg.center_crop, "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+        "do_rescale": cfg.rescale_factor is not None, "rescale_factor": cfg.rescale_factor or 1 / 255,
+        "do_normalize": cfg.image_mean is not None,
+        "image_mean": cfg.image_mean or [0.0] * cfg.num_channels,
+        "image_std": cfg.image_std or [1.0] * cfg.num_channels,
+    }
 
 
 def config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
