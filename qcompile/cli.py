@@ -61,7 +61,7 @@ def parse_token_ids(text: str) -> list[int]:
         try:
             ids.append(int(item))
         except ValueError:
-            raise UserError(f"--prompt-ids: {item!r} is not a token id (integers separated by spaces)")
+            raise UserError(f"--prompt-ids: {item!r} is not a token id (integers separated by spaces)") from None
     if not ids:
         raise UserError("--prompt-ids: no token ids given")
     return ids

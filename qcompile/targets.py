@@ -84,7 +84,7 @@ def resolve(spec: TargetSpec) -> tuple[Any, dict[str, Any]]:
     try:
         tvm_target = tvm.target.Target(target)
     except Exception as e:  # TVM reports bad target dicts with assorted error types
-        raise UserError(f"target '{spec.name}': TVM rejects the target dict ({str(e).splitlines()[0]})")
+        raise UserError(f"target '{spec.name}': TVM rejects the target dict ({str(e).splitlines()[0]})") from None
     record = {"name": spec.name, "target": target, "device": spec.device}
     if target["kind"] == "llvm":
         features = sorted(codegen.llvm_get_cpu_features(tvm_target))
