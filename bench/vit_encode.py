@@ -88,12 +88,12 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{args.model} encode, batch {args.batch}, float32, median of {args.repeats} (untuned CPU kernels)")
-    print(f"  qcompile      {result['qcompile_images_per_s']:8.2f} images/s   "
+    print(f"  qcompile      {result['qcompile_images_per_s']:8.3g} images/s   "
           f"({result['qcompile_fraction_of_limit']:.1%} of the arithmetic limit)")
-    print(f"  transformers  {result['transformers_images_per_s']:8.2f} images/s")
-    print(f"  limit         {result['arithmetic_limit_images_per_s']:8.2f} images/s   "
+    print(f"  transformers  {result['transformers_images_per_s']:8.3g} images/s")
+    print(f"  limit         {result['arithmetic_limit_images_per_s']:8.3g} images/s   "
           f"({flops_per_image(cfg) / 1e9:.1f} GFLOP/image at a measured {peak:.0f} GFLOP/s matmul peak)")
-    print(f"  qcompile / transformers speed: x{result['qcompile_vs_transformers']:.2f}; "
+    print(f"  qcompile / transformers speed: x{result['qcompile_vs_transformers']:.3g}; "
           f"max |diff| / scale {diff:.1e}; compile {compile_seconds:.1f} s")
 
 
