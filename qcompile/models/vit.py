@@ -328,27 +328,27 @@ def build(cfg: ViTConfig, dtype: str) -> VisionTransformer:
 
 # --- checkpoint names -------------------------------------------------------------------------------
 
-def _names(cfg: ViTConfig) -> dict[str, Any]:
-    """Library parameter -> HF tensor name(s) for the config's weight layout (q/k/v fuse into qkv)."""
+def weight_map(cfg: ViTConfig) -> dict[str, list[str]]:
+    """Library parameter -> HF tensor name(s) for the config's weight layout (q/k/v fuse into qkv).
+    CLIP names are transformers 5.x's; 4.x's "vision_model." prefix is stripped on load."""
     clip = cfg.weight_layout == "clip"
-    root = ""  # transformers 5.x CLIPVisionModel names; 4.x prefixed "vision_model." (see PREFIXES)
-    emb = f"{root}embeddings"
-    m: dict[str, Any] = {"embeddings.patch_weight": [f"{emb}.patch_embedding.weight" if clip
-                                                     else f"{emb}.patch_embeddings.projection.weight"],
-                         "embeddings.position": [f"{emb}.position_embedding.weight" if clip
-                                                 else f"{emb}.position_embeddings"]}
+    m: dict[str, list[str]] = {
+        "embeddings.patch_weight": ["embeddings.patch_embedding.weight" if clip
+                                    else "embeddings.patch_embeddings.projection.weight"],
+        "embeddings.position": ["embeddings.position_embedding.weight" if clip
+                                else "embeddings.position_embeddings"]}
     if cfg.patch_bias:
-        m["embeddings.patch_bias"] = [f"{emb}.patch_embeddings.projection.bias"]
+        m["embeddings.patch_bias"] = ["embeddings.patch_embeddings.projection.bias"]
     if cfg.use_cls_token:
-        m["embeddings.cls"] = [f"{emb}.class_embedding" if clip else f"{emb}.cls_token"]
-    norms = {"pre_norm": "pre_layrnorm", "final_norm": "post_layernorm"} if clip else {"final_norm": "layernorm"}
-    for ours, theirs in norms.items():
-        if getattr(cfg, {"pre_norm": "pre_layernorm", "final_norm": "final_layernorm"}[ours]):
-            m |= {f"{ours}.{k}": [f"{root}{theirs}.{k}"] for k in ("weight", "bias")}
+        m["embeddings.cls"] = ["embeddings.class_embedding" if clip else "embeddings.cls_token"]
+    norms = {"pre_norm": (cfg.pre_layernorm, "pre_layrnorm"),
+             "final_norm": (cfg.final_layernorm, "post_layernorm" if clip else "layernorm")}
+    for ours, (present, theirs) in norms.items():
+        if present:
+            m |= {f"{ours}.{k}": [f"{theirs}.{k}"] for k in ("weight", "bias")}
     for i in range(cfg.num_hidden_layers):
-        b = f"blocks.{i}"
         if clip:
-            p = f"{root}encoder.layers.{i}"
+            p = f"encoder.layers.{i}"
             parts = {"norm1": f"{p}.layer_norm1", "out": f"{p}.self_attn.out_proj", "norm2": f"{p}.layer_norm2",
                      "fc1": f"{p}.mlp.fc1", "fc2": f"{p}.mlp.fc2"}
             qkv = [f"{p}.self_attn.{x}_proj" for x in "qkv"]
@@ -359,45 +359,50 @@ def _names(cfg: ViTConfig) -> dict[str, Any]:
                      "fc2": f"{p}.output.dense"}
             qkv = [f"{p}.attention.attention.{x}" for x in ("query", "key", "value")]
         for ours, theirs in parts.items():
-            m |= {f"{b}.{ours}.{k}": [f"{theirs}.{k}"] for k in ("weight", "bias")}
-        m[f"{b}.qkv.weight"] = [f"{x}.weight" for x in qkv]
+            m |= {f"blocks.{i}.{ours}.{k}": [f"{theirs}.{k}"] for k in ("weight", "bias")}
+        m[f"blocks.{i}.qkv.weight"] = [f"{x}.weight" for x in qkv]
         if cfg.qkv_bias:
-            m[f"{b}.qkv.bias"] = [f"{x}.bias" for x in qkv]
+            m[f"blocks.{i}.qkv.bias"] = [f"{x}.bias" for x in qkv]
     return m
 
 
-def weight_map(cfg: ViTConfig) -> dict[str, list[str]]:
-    return _names(cfg)
+def _library_shapes(cfg: ViTConfig) -> Shapes:
+    """Shape of every library parameter a block or the embeddings may have."""
+    width, ffn, p = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
+    shapes: Shapes = {"embeddings.patch_weight": (width, cfg.num_channels, p, p), "embeddings.patch_bias": (width,),
+                      "embeddings.cls": (width,), "embeddings.position": (cfg.num_positions, width)}
+    shapes |= {f"{norm}.{k}": (width,) for norm in ("pre_norm", "final_norm") for k in ("weight", "bias")}
+    for i in range(cfg.num_hidden_layers):
+        b = f"blocks.{i}"
+        shapes |= {f"{b}.norm1.weight": (width,), f"{b}.norm1.bias": (width,), f"{b}.norm2.weight": (width,),
+                   f"{b}.norm2.bias": (width,), f"{b}.qkv.weight": (3 * width, width), f"{b}.qkv.bias": (3 * width,),
+                   f"{b}.out.weight": (width, width), f"{b}.out.bias": (width,), f"{b}.fc1.weight": (ffn, width),
+                   f"{b}.fc1.bias": (ffn,), f"{b}.fc2.weight": (width, ffn), f"{b}.fc2.bias": (width,)}
+    return shapes
 
 
 def hf_tensors(cfg: ViTConfig) -> Shapes:
     """Every tensor the HF model of this layout has (CLIP's post_layernorm, which only pools, and
     ViTModel's pooler included: a checkpoint may carry them; the encoder does not read them)."""
-    width, ffn, p, c = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size, cfg.num_channels
-    clip = cfg.weight_layout == "clip"
-    ours = {"embeddings.patch_weight": (width, c, p, p), "embeddings.patch_bias": (width,),
-            "embeddings.cls": (width,) if clip else (1, 1, width),
-            "embeddings.position": (cfg.num_positions, width) if clip else (1, cfg.num_positions, width)}
+    width, library = cfg.hidden_size, _library_shapes(cfg)
     shapes: Shapes = {}
-    for name, hf_names in _names(cfg).items():
-        if name in ours:
-            shapes[hf_names[0]] = ours[name]
-            continue
-        leaf = name.split(".")[-2]
-        for hf_name in hf_names:
-            kind = hf_name.rsplit(".", 1)[1]
-            rows = {"fc1": ffn}.get(leaf, width)
-            cols = {"fc2": ffn}.get(leaf, width)
-            shapes[hf_name] = (rows, cols) if kind == "weight" and leaf not in (
-                "norm1", "norm2", "pre_norm", "final_norm") else (rows,)
-    extra = ({"post_layernorm.weight": (width,), "post_layernorm.bias": (width,)}
-             if clip else {"pooler.dense.weight": (width, width), "pooler.dense.bias": (width,)})
+    for name, hf_names in weight_map(cfg).items():
+        rows, *rest = library[name]
+        for hf_name in hf_names:  # a fused parameter splits evenly along axis 0
+            shapes[hf_name] = (rows // len(hf_names), *rest)
+    if cfg.weight_layout == "vit":  # ViTModel keeps a leading batch axis on these two
+        if cfg.use_cls_token:
+            shapes["embeddings.cls_token"] = (1, 1, width)
+        shapes["embeddings.position_embeddings"] = (1, cfg.num_positions, width)
+        extra = {"pooler.dense.weight": (width, width), "pooler.dense.bias": (width,)}
+    else:
+        extra = {"post_layernorm.weight": (width,), "post_layernorm.bias": (width,)}
     return shapes | {k: v for k, v in extra.items() if k not in shapes}
 
 
 def parameters_used(cfg: ViTConfig) -> int:
     """Parameters the encoder computes with (unread pooling tensors excluded)."""
-    used = {n for names in _names(cfg).values() for n in names}
+    used = {n for names in weight_map(cfg).values() for n in names}
     return parameter_count({k: v for k, v in hf_tensors(cfg).items() if k in used})
 
 
