@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -148,16 +147,15 @@ def _check_output_file(path: Path | None, flag: str) -> None:
 def cmd_run(args) -> None:
     from . import api
 
-    looks_like_path = os.sep in str(args.library) or str(args.library).startswith(".")
-    if (args.library / "manifest.json").is_file() or (looks_like_path and not args.library.exists()):
+    from .zoo import looks_like_path, resolve_model
+
+    if (args.library / "manifest.json").is_file() or (looks_like_path(args.library) and not args.library.exists()):
         from .pipeline import read_manifest
         from .runtime import spec_from_manifest
 
         spec = spec_from_manifest(read_manifest(args.library))  # reports a missing library directory
         load = lambda: api.load(args.library, weights=args.weights)  # noqa: E731
     else:  # a MODEL: its registry entry for these build options
-        from .zoo import resolve_model
-
         spec = resolve_model(args.library)
         load = lambda: api.load(weights=args.weights, model=args.library, target=args.target,  # noqa: E731
                                 dtype=args.dtype, max_seq_len=args.max_seq_len)

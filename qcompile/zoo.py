@@ -97,6 +97,12 @@ def load_checkpoint_config(directory: Path) -> ModelSpec:
     return ModelSpec(str(directory), family, config, source=where, checkpoint=directory)
 
 
+def looks_like_path(text: str | os.PathLike) -> bool:
+    """A MODEL argument spelled as a path (not a zoo name), so a missing one is reported as a path."""
+    text = os.fspath(text)
+    return os.sep in text or text.startswith(".")
+
+
 def resolve_model(model: str | os.PathLike) -> ModelSpec:
     """MODEL as the CLI and API take it: a directory with a config.json is a checkpoint, otherwise a zoo
     name (so `compile qwen2-debug -o qwen2-debug` can be run twice)."""
@@ -108,7 +114,7 @@ def resolve_model(model: str | os.PathLike) -> ModelSpec:
         return zoo[text]
     if Path(text).is_dir():
         return load_checkpoint_config(Path(text))  # says what is missing
-    if os.sep in text or text.startswith("."):
+    if looks_like_path(text):
         raise UserError(f"{text}: no such model directory")
     raise UserError(f"unknown model '{text}' (not a directory; zoo models: {', '.join(zoo)})")
 
