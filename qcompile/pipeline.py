@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, lowering
 from .atomic import write_json
 from .errors import UserError
+from .schedules import Schedules, find_schedules
 from .schema import read_json_object
 from .targets import TargetSpec, resolve
 from .zoo import ModelSpec
@@ -32,9 +33,13 @@ LIBRARY = "model.so"
 MANIFEST_FORMAT = "qcompile-library/1"
 PACKED_PARAMS = "packed_params"  # nn.Module.export_tvm's name for the weights tuple
 # What the runtime and the registry read from a manifest.
-MANIFEST_KEYS = ("model", "target", "dtype", "max_seq_len", "prefill_chunk", "parameters", "library",
-                 "versions", "identity", "build")
+MANIFEST_KEYS = ("model", "target", "dtype", "max_seq_len", "prefill_chunk", "buckets", "parameters",
+                 "library", "versions", "identity", "build")
 DTYPES = ("float32", "float16", "bfloat16")
+# Static-shape copies ("buckets") of the entry point with a dynamic dimension: tuned kernels are for
+# static shapes, and the runtime calls `<function>_<size>` when a call's size is a bucket's.
+BUCKETED = {"decoder": ("prefill", "n"), "encoder": ("encode", "batch")}
+ENCODER_BATCH_BUCKETS = (1,)
 
 
 def sha256_file(path: Path) -> str:
@@ -132,6 +137,14 @@ class BuildPlan:
     dtype: str
     max_seq_len: int | None  # decoders only
     prefill_chunk: int | None
+    schedules: Schedules | None = None  # tuning databases applied (None: default schedules only)
+
+    @property
+    def buckets(self) -> dict[str, Any]:
+        """{"function", "dim", "sizes"}: which static copies of the dynamic entry point are built."""
+        function, dim = BUCKETED[self.spec.family.kind]
+        sizes = [self.prefill_chunk] if self.spec.family.kind == "decoder" else list(ENCODER_BATCH_BUCKETS)
+        return {"function": function, "dim": dim, "sizes": sizes}
 
     def identity(self) -> dict[str, Any]:
         """Everything that decides the built library's bytes and manifest (not the model's name)."""
@@ -142,27 +155,60 @@ class BuildPlan:
                 "dtype": self.dtype, "max_seq_len": self.max_seq_len, "prefill_chunk": self.prefill_chunk,
                 "versions": versions(), "qcompile_source": source_digest(),
                 "toolchain": {"llvm": int(codegen.llvm_version_major()), "cc": c_compiler()},
-                "tuning_database": None}
+                "buckets": self.buckets,
+                "tuning_database": self.schedules.digest if self.schedules else None}
 
 
 def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
-               max_seq_len: int | None = None) -> BuildPlan:
-    """Check the build options and resolve the target for this machine (UserError on bad input)."""
+               max_seq_len: int | None = None, schedules: Path | None = None,
+               use_schedules: bool = True) -> BuildPlan:
+    """Check the build options and resolve the target for this machine (UserError on bad input).
+    `schedules`: a tuning database directory (default: the target's committed ones)."""
     dtype = dtype or target.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tvm_target, target_record = resolve(target)
+    found = find_schedules(target.name, schedules, enabled=use_schedules)
     if spec.family.kind != "decoder":  # sequence bounds are a decoder's
         if max_seq_len is not None:
             raise UserError(f"--max-seq-len applies to decoders; {spec.name} is an {spec.family.kind}")
-        return BuildPlan(spec, target, tvm_target, target_record, dtype, None, None)
+        return BuildPlan(spec, target, tvm_target, target_record, dtype, None, None, found)
     context = spec.config.max_position_embeddings
     max_seq_len = context if max_seq_len is None else max_seq_len
     if not 1 <= max_seq_len <= context:
         raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
                         f"got {max_seq_len}")
     return BuildPlan(spec, target, tvm_target, target_record, dtype, max_seq_len,
-                     prefill_chunk=min(target.prefill_chunk, max_seq_len))
+                     prefill_chunk=min(target.prefill_chunk, max_seq_len), schedules=found)
+
+
+def export(plan: BuildPlan) -> tuple[Any, list[tuple[str, Any]]]:
+    """The model as a Relax module (entry points + their static buckets) and its parameter specs.
+
+    A bucket is the bucketed entry point traced again with its dynamic dim fixed (so its kernels get
+    static shapes), exported under `<function>_<size>`."""
+    spec = plan.spec
+    module = spec.family.build(spec.config, plan.dtype)
+    specs = module.export_spec()
+    buckets = plan.buckets
+    for size in buckets["sizes"]:
+        name = f"{buckets['function']}_{size}"
+        object.__setattr__(module, name, getattr(module, buckets["function"]))  # export_tvm looks up by name
+        specs[name] = _fix_dim(specs[buckets["function"]], buckets["dim"], size)
+    return module.export_tvm(spec=specs)
+
+
+def _fix_dim(arg_spec: Any, dim: str, size: int) -> Any:
+    """An export spec (dicts/lists of nn.spec.Tensor) with symbolic dim `dim` set to `size`."""
+    from tvm.relax.frontend import nn  # noqa: PLC0415
+
+    if isinstance(arg_spec, dict):
+        return {k: v if k == "$" else _fix_dim(v, dim, size) for k, v in arg_spec.items()}
+    if isinstance(arg_spec, list):
+        return [_fix_dim(v, dim, size) for v in arg_spec]
+    if isinstance(arg_spec, nn.spec.Tensor):
+        return nn.spec.Tensor([size if d == dim else d for d in arg_spec.shape], arg_spec.dtype)
+    return arg_spec
 
 
 def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, Any]:
@@ -172,10 +218,18 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
 
     spec, start = plan.spec, time.perf_counter()
     log(f"[1/3] exporting {spec.name} ({spec.family.name}, {plan.dtype}) to Relax")
-    module = spec.family.build(spec.config, plan.dtype)
-    mod, params = module.export_tvm(spec=module.export_spec())
-    log(f"[2/3] building for {plan.target.name} ({plan.target_record['target'].get('mcpu', '')})")
-    executable = tvm.compile(mod, plan.tvm_target)
+    mod, params = export(plan)
+    where = plan.target_record["target"].get("mcpu") or plan.target_record["target"].get("arch", "")
+    log(f"[2/3] building for {plan.target.name} ({where}); schedules: "
+        f"{', '.join(str(d) for d in plan.schedules.directories) if plan.schedules else 'default only'}")
+    report = lowering.ScheduleReport()
+    database = plan.schedules.open() if plan.schedules else None
+    executable = tvm.compile(mod, plan.tvm_target,
+                             relax_pipeline=lowering.relax_pipeline(plan.tvm_target, database, report))
+    if plan.schedules:
+        log(f"      tuned kernels: {len(report.tuned)}; default schedules: {len(report.default_static)} "
+            f"static without a record{': ' + ', '.join(sorted(report.default_static)) if report.default_static else ''}"
+            f", {len(report.default_symbolic)} with symbolic shapes")
     log("[3/3] writing the library")
     executable.export_library(str(directory / LIBRARY))
     parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype}
@@ -194,7 +248,9 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "active_parameter_count": spec.family.active_parameter_count(spec.config),
         "library": {"file": LIBRARY, "sha256": sha256_file(directory / LIBRARY)},
         "versions": versions(),
-        "tuning_database": None,  # no schedules applied yet: default (untuned) kernels
+        "buckets": plan.buckets,
+        "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
+                            if plan.schedules else None),
         "identity": plan.identity(),
         "build": {"seconds": round(time.perf_counter() - start, 2),
                   "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},

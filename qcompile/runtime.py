@@ -107,7 +107,16 @@ class Library:
             module = tvm.runtime.load_module(str(library))  # mapped: the copy may go once loaded
         self._vm = relax.VirtualMachine(module, self.device)
         self._tensor = tvm.runtime.tensor
+        buckets = manifest["buckets"]
+        self._bucketed, self._bucket_sizes = buckets["function"], set(buckets["sizes"])
         self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
+
+    def _function(self, name: str, size: int) -> Any:
+        """The VM function for a call of `name` whose dynamic dimension is `size`: its static copy
+        (tuned kernels) when one was built for that size, else the symbolic-shape function."""
+        if name == self._bucketed and size in self._bucket_sizes:
+            name = f"{name}_{size}"
+        return self._vm[name]
 
     def close(self) -> None:
         """Release the registry entry (if loaded from one) so gc may evict it."""
@@ -154,7 +163,8 @@ class Decoder(Library):
         return array.astype(np.int32)
 
     def _run(self, function: str, ids: np.ndarray) -> np.ndarray:
-        logits, self._cache = self._vm[function](self._tensor(ids, self.device), self._cache, self._params)
+        logits, self._cache = self._function(function, ids.size)(self._tensor(ids, self.device), self._cache,
+                                                                 self._params)
         self.position += ids.size
         return logits.numpy()
 
@@ -212,7 +222,7 @@ class Encoder(Library):
         from .vision import as_pixel_values  # noqa: PLC0415 (Pillow is needed only here)
 
         pixels = as_pixel_values(images, self.spec.config)
-        return self._vm["encode"](self._tensor(pixels, self.device), self._params).numpy()
+        return self._function("encode", len(pixels))(self._tensor(pixels, self.device), self._params).numpy()
 
 
 RUNTIMES = {"decoder": Decoder, "encoder": Encoder}

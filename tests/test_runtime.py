@@ -55,8 +55,10 @@ def test_missing_library_dir_and_manifest(tmp_path, debug_checkpoint):
 def test_manifest_describes_the_build(debug_library):
     m = json.loads((debug_library / "manifest.json").read_text())
     assert m["model"]["name"] == "qwen2-debug" and m["dtype"] == "float32" and m["max_seq_len"] == 64
-    assert set(m["functions"]) == {"prefill", "decode"}
+    assert set(m["functions"]) == {"prefill", "prefill_64", "decode"}
     assert m["functions"]["prefill"]["inputs"]["input_ids"] == {"shape": ["n"], "dtype": "int32"}
+    assert m["buckets"] == {"function": "prefill", "dim": "n", "sizes": [64]}  # the chunk, static
+    assert m["functions"]["prefill_64"]["inputs"]["input_ids"] == {"shape": [64], "dtype": "int32"}
     assert m["functions"]["decode"]["output"][0] == {"shape": [1, 256], "dtype": "float32"}
     assert m["target"]["target"]["mcpu"] != "host" and "avx2" in m["target"]["cpu_features"]
     assert m["versions"]["tvm"].startswith("0.27") and len(m["library"]["sha256"]) == 64
@@ -66,6 +68,26 @@ def test_manifest_describes_the_build(debug_library):
 @pytest.fixture(scope="module")
 def model(debug_library, debug_checkpoint):
     return qcompile.load(debug_library, weights=debug_checkpoint)
+
+
+def test_full_chunk_runs_the_static_bucket_with_the_same_numbers(model):
+    ids = np.arange(64) % 256
+    called, vm = [], model._vm
+
+    class Spy:
+        def __getitem__(self, name):
+            called.append(name)
+            return vm[name]
+
+    model._vm = Spy()
+    try:
+        bucketed = model.prefill(ids)
+        model._bucket_sizes = set()  # the symbolic-length prefill for the same chunk
+        symbolic = model.prefill(ids)
+    finally:
+        model._vm, model._bucket_sizes = vm, {64}
+    assert called == ["prefill_64", "prefill"]
+    np.testing.assert_allclose(bucketed, symbolic, rtol=1e-5, atol=1e-5 * np.abs(symbolic).max())
 
 
 @pytest.mark.parametrize("ids,needle", [
