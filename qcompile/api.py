@@ -13,26 +13,32 @@ from .atomic import atomic_dir
 from .errors import UserError
 
 
-def _plan(model, target: str, dtype: str | None, max_seq_len: int | None) -> pipeline.BuildPlan:
+def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
+          schedules: str | os.PathLike | None = None, use_schedules: bool = True) -> pipeline.BuildPlan:
     return pipeline.plan_build(zoo.resolve_model(model), targets.load_target(target), dtype=dtype,
-                               max_seq_len=max_seq_len)
+                               max_seq_len=max_seq_len, use_schedules=use_schedules,
+                               schedules=Path(schedules) if schedules is not None else None)
 
 
 def compile_model(model: str | os.PathLike, *, target: str = "cpu", out: str | os.PathLike,
                   dtype: str | None = None, max_seq_len: int | None = None,
+                  schedules: str | os.PathLike | None = None, use_schedules: bool = True,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build MODEL for TARGET into library directory OUT (atomic); returns the manifest."""
-    plan = _plan(model, target, dtype, max_seq_len)
+    """Build MODEL for TARGET into library directory OUT (atomic); returns the manifest. Kernels come
+    from the tuning database SCHEDULES (default: the target's committed ones) unless use_schedules is
+    False; kernels without a record get default schedules."""
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
     with atomic_dir(Path(out), replaceable=pipeline.is_library_dir) as tmp:
         return pipeline.write_library(plan, tmp, log=log)
 
 
 def register_model(model: str | os.PathLike, *, target: str = "cpu", dtype: str | None = None,
                    max_seq_len: int | None = None, copy_to: str | os.PathLike | None = None,
+                   schedules: str | os.PathLike | None = None, use_schedules: bool = True,
                    log: Callable[[str], None] = print) -> tuple[registry.Entry, bool]:
     """Build MODEL for TARGET into the registry unless an identical build is there; optionally copy the
     entry to a library directory COPY_TO (atomic). Returns (the entry, whether it was built now)."""
-    plan = _plan(model, target, dtype, max_seq_len)
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
     store = registry.Registry()
     key, built, lock_fd = store.publish(plan, log=log)
     try:  # the shared lock keeps gc away while we read and copy
@@ -44,6 +50,21 @@ def register_model(model: str | os.PathLike, *, target: str = "cpu", dtype: str 
     finally:
         os.close(lock_fd)
     return entry, built
+
+
+def tune(model: str | os.PathLike, *, target: str = "cpu", trials: int = 64,
+         schedules: str | os.PathLike | None = None, rpc: str | None = None, dtype: str | None = None,
+         kernels: str | None = None, functions: list[str] | None = None,
+         log: Callable[[str], None] = print, show_progress: bool = True) -> dict[str, Any]:
+    """MetaSchedule-tune MODEL's static-shape kernels for TARGET to TRIALS records each (resuming what
+    SCHEDULES, default schedules/<target>/<model>/, holds). Returns the per-kernel report."""
+    from . import tuning  # noqa: PLC0415
+
+    if trials < 1:
+        raise UserError(f"--trials must be >= 1, got {trials}")
+    plan = _plan(model, target, dtype, None, use_schedules=False)
+    return tuning.tune(plan, trials=trials, directory=Path(schedules) if schedules else None, rpc=rpc,
+                       kernels=kernels, functions=functions, log=log, show_progress=show_progress)
 
 
 def init_weights(model: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, std: float = 0.15,

@@ -93,13 +93,51 @@ def cmd_zoo_show(args) -> None:
 
 def cmd_targets_list(args) -> None:
     from . import api
+    from .targets import availability
 
     targets = api.list_targets()
+    status = {n: availability(t) for n, t in targets.items()}
     if args.json:
         return _emit_json({n: {"description": t.description, "target": t.target, "device": t.device,
-                               "dtype": t.dtype} for n, t in targets.items()})
-    _print_table([[n, t.device, t.dtype, t.description] for n, t in targets.items()],
-                 ["TARGET", "DEVICE", "DTYPE", "DESCRIPTION"])
+                               "dtype": t.dtype, "device_code": t.device_code,
+                               **{k: {"ok": ok, "why": why} for k, (ok, why) in status[n].items()}}
+                           for n, t in targets.items()})
+
+    def mark(ok_why) -> str:
+        return ("yes: " if ok_why[0] else "no: ") + ok_why[1]
+
+    _print_table([[n, t.device, t.dtype, mark(status[n]["build"]), mark(status[n]["run"])]
+                  for n, t in targets.items()], ["TARGET", "DEVICE", "DTYPE", "BUILDS HERE", "RUNS HERE"])
+
+
+def cmd_inspect(args) -> None:
+    from .devicecode import device_modules
+    from .pipeline import LIBRARY, read_manifest
+
+    manifest = read_manifest(args.library)
+    found = device_modules(args.library / LIBRARY)  # what the .so carries, read from its bytes
+    target = manifest["target"]
+    summary = {"model": manifest["model"]["name"], "target": target["name"], "device": target["device"],
+               "arch": target.get("arch"), "dtype": manifest["dtype"],
+               "device_code": manifest.get("device_code"), "device_modules_in_library": found,
+               "toolchain": manifest["identity"]["toolchain"], "versions": manifest["versions"],
+               "tuning_database": manifest.get("tuning_database"), "library": manifest["library"]}
+    if args.json:
+        return _emit_json(summary)
+    print(f"{summary['model']} for {summary['target']} ({summary['device']} {summary['arch']}, {summary['dtype']})")
+    print(f"  library   {manifest['library']['file']} sha256 {manifest['library']['sha256'][:16]}…")
+    for m in found:
+        what = (f"cubin {', '.join(m['cubin'])} + PTX {', '.join(m['ptx'])}" if m["code"] == "fatbin"
+                else f"{m['arch']}, code object v{m['code_object_version']}" if m["code"] == "hsaco"
+                else m["code"])
+        print(f"  device    {m['kind']} module: {m['format']}, {m['bytes']:,} bytes ({what})")
+    if not found:
+        print("  device    none (host code only)")
+    tools = ", ".join(f"{k} {v}" for k, v in summary["toolchain"].items())
+    print(f"  built by  TVM {summary['versions']['tvm']} (tvm-ffi {summary['versions']['tvm_ffi']}); {tools}")
+    tuning = summary["tuning_database"]
+    print("  schedules " + (f"{len(tuning['kernels']['tuned'])} tuned kernels from {tuning['sha256']}"
+                            if tuning else "default only"))
 
 
 def cmd_compile(args) -> None:
@@ -108,7 +146,8 @@ def cmd_compile(args) -> None:
     if args.output is None and not args.register:
         raise UserError("compile: give -o DIR, --register, or both")
     log = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
-    options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=log)
+    options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=log,
+                   schedules=args.schedules, use_schedules=not args.no_schedules)
     if args.register:
         entry, built = api.register_model(args.model, copy_to=args.output, **options)
         manifest = entry.manifest
@@ -124,6 +163,44 @@ def cmd_compile(args) -> None:
     print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
           f"{manifest['dtype']}, {built_note}): {where}"
           + (f", copied to {args.output}" if args.register and args.output else ""))
+
+
+def cmd_tune(args) -> None:
+    from . import api, tuning
+
+    log = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    start = time.perf_counter()
+    report = api.tune(args.model, target=args.target, trials=args.trials, schedules=args.schedules,
+                      rpc=args.rpc, kernels=args.kernels, log=log, show_progress=not args.json,
+                      functions=args.functions.split(",") if args.functions else None)
+    seconds = time.perf_counter() - start
+    if args.json:
+        return _emit_json({**report, "seconds": round(seconds, 1)})
+    _print_table(tuning.format_report(report), ["KERNEL", "CALLS", "TRIALS", "DEFAULT ms", "TUNED ms", "SPEEDUP"])
+    print(f"tuned in {seconds:.0f} s; database, report.json and curve.png in {report['directory']}")
+
+
+def cmd_check(args) -> None:
+    from . import crosscheck
+
+    log = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    rows = crosscheck.run(args.models.split(","), args.targets.split(","), workdir=args.workdir,
+                          dtype=args.dtype, log=log)
+    if args.json:
+        _emit_json(rows)
+    else:
+        def fmt(metrics):
+            return ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()) if metrics else "-"
+        _print_table([[r["model"], r["target"], r["dtype"], f"yes, {r['built']['seconds']} s",
+                       "yes" if r["ran"]["ok"] else f"no: {r['ran']['why']}",
+                       fmt(r.get("vs_transformers")), fmt(r.get("vs_cpu_float32")),
+                       ("FAIL: " + "; ".join(r["failed"])) if r.get("failed") else
+                       ("pass" if "failed" in r else "-")] for r in rows],
+                     ["MODEL", "TARGET", "DTYPE", "BUILT", "RAN", "VS TRANSFORMERS", "VS CPU FLOAT32", "TIER"])
+    failed = [r for r in rows if r.get("failed")]
+    if failed:
+        raise UserError(f"check: {len(failed)} of {len(rows)} pairs outside their tier "
+                        f"(first: {failed[0]['model']} on {failed[0]['target']}: {failed[0]['failed'][0]})")
 
 
 def cmd_init_weights(args) -> None:
@@ -315,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     targets = sub.add_parser("targets", help="list the build targets in targets/")
     targets_sub = targets.add_subparsers(dest="targets_command", required=True, parser_class=_Parser)
-    listing(targets_sub, "list", "every target file", cmd_targets_list)
+    listing(targets_sub, "list", "every target file, and whether this machine can build and run it",
+            cmd_targets_list)
+
+    p = listing(sub, "inspect", "what a library was built for and the device code it carries", cmd_inspect)
+    p.add_argument("library", type=Path, help="library directory")
 
     p = sub.add_parser("compile", help="build MODEL for a target into a library directory")
     p.add_argument("model", help="zoo name or HF checkpoint directory")
@@ -326,8 +407,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the library in the registry ($QCOMPILE_HOME, default ~/.cache/qcompile); "
                         "an identical build already there is reused")
     build_options(p)
+    p.add_argument("--schedules", type=Path, metavar="DIR",
+                   help="tuning database directory to apply (default: every one under schedules/TARGET/)")
+    p.add_argument("--no-schedules", action="store_true", help="default schedules only (no tuning database)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="auto-tune MODEL's kernels with MetaSchedule (resumable)",
+                       description="Tune the static-shape kernels of MODEL (decode step, prefill bucket, "
+                       "image batch 1) with MetaSchedule's XGBoost cost model. Each measured candidate is "
+                       "appended to the database at once: Ctrl-C or a kill loses no finished record, and "
+                       "a rerun tunes only what is missing. Ends with a per-kernel table, report.json and "
+                       "curve.png beside the database.")
+    p.add_argument("model", help="zoo name or HF checkpoint directory")
+    p.add_argument("--target", default="cpu", help="a target in targets/ (default: cpu)")
+    p.add_argument("--trials", type=_non_negative_int, default=64,
+                   help="measured candidates per kernel, the default schedule included (64)")
+    p.add_argument("--schedules", type=Path, metavar="DIR",
+                   help="database directory (default: schedules/TARGET/MODEL/, which compile applies)")
+    p.add_argument("--rpc", metavar="HOST:PORT:KEY",
+                   help="measure on a device registered with a TVM RPC tracker under KEY")
+    p.add_argument("--functions", metavar="NAMES",
+                   help="only kernels of these entry points, comma-separated (e.g. decode,prefill_128)")
+    p.add_argument("--kernels", metavar="GLOB", help="tune only kernels whose name matches, e.g. '*NT_matmul*'")
+    p.add_argument("--dtype", help="compute dtype (default: the target's)")
+    p.add_argument("--json", action="store_true", help="machine-readable report (no progress bar)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("check", help="cross-backend regression: build, run where possible, compare",
+                       description="For every MODEL x TARGET: build the library (device code checked), "
+                       "run it if this machine can, and compare with transformers and with the float32 "
+                       "CPU library against the tier in the target file. Exit 2 if any pair fails.")
+    p.add_argument("--models", default="qwen2-debug,qwen2-sw-debug,qwen3-moe-debug,vit-debug",
+                   help="comma-separated zoo models (default: the debug models)")
+    p.add_argument("--targets", default="cpu,cpu-x86-64-v3,cuda-sm80,cuda-sm90,rocm-gfx90a,rocm-gfx942",
+                   help="comma-separated targets (default: all)")
+    p.add_argument("--dtype", help="override every target's default dtype")
+    p.add_argument("--workdir", type=Path, default=Path("build/check"), help="libraries go here (build/check)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("init-weights", help="write a random-weight HF checkpoint for MODEL")
     p.add_argument("model", help="zoo name or HF checkpoint directory")
@@ -393,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qcompile: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qcompile: interrupted", file=sys.stderr)
+        print("qcompile: interrupted (a tuning run keeps every finished record; rerun to resume)",
+              file=sys.stderr)
         return 130
     return 0
 

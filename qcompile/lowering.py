@@ -68,18 +68,18 @@ def schedule(mod: Any, target: Any, database: Any | None, report: ScheduleReport
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            if func.attrs is not None and "tir.is_scheduled" in func.attrs:
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
                 report.tuned.append(gv.name_hint)
             elif is_symbolic(func):
                 report.default_symbolic.append(gv.name_hint)
             else:
                 report.default_static.append(gv.name_hint)
         if target.kind.name in GPU_KINDS:
-            mod = _gpu_default_schedules(mod)
+            mod = gpu_default_schedules(mod)
     return mod
 
 
-def _gpu_default_schedules(mod: Any) -> Any:
+def gpu_default_schedules(mod: Any) -> Any:
     """dlight's rules for every kernel the database did not schedule. Tensorize (the WMMA path of
     dl.gpu.Matmul) is switched off per kernel: it segfaults on float16 in TVM 0.27."""
     from tvm import tirx  # noqa: PLC0415

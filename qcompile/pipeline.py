@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, lowering
+from . import __version__, devicecode, lowering
 from .atomic import write_json
 from .errors import UserError
 from .schedules import Schedules, find_schedules
@@ -143,7 +143,12 @@ class BuildPlan:
     def buckets(self) -> dict[str, Any]:
         """{"function", "dim", "sizes"}: which static copies of the dynamic entry point are built."""
         function, dim = BUCKETED[self.spec.family.kind]
-        sizes = [self.prefill_chunk] if self.spec.family.kind == "decoder" else list(ENCODER_BATCH_BUCKETS)
+        if self.spec.family.kind == "encoder":
+            sizes = list(ENCODER_BATCH_BUCKETS)
+        elif self.target.device == "cpu":
+            sizes = [self.prefill_chunk]
+        else:  # dlight (TVM 0.27) fails on the bucket's GQA kernels over [p + chunk] ("padding factor
+            sizes = []  # ... not divisible"); GPU prefill runs symbolic-length kernels only
         return {"function": function, "dim": dim, "sizes": sizes}
 
     def identity(self) -> dict[str, Any]:
@@ -154,7 +159,8 @@ class BuildPlan:
                 "target": self.target_record["target"], "device": self.target_record["device"],
                 "dtype": self.dtype, "max_seq_len": self.max_seq_len, "prefill_chunk": self.prefill_chunk,
                 "versions": versions(), "qcompile_source": source_digest(),
-                "toolchain": {"llvm": int(codegen.llvm_version_major()), "cc": c_compiler()},
+                "toolchain": {"llvm": int(codegen.llvm_version_major()), "cc": c_compiler(),
+                              **devicecode.toolchain(self.target)},
                 "buckets": self.buckets,
                 "tuning_database": self.schedules.digest if self.schedules else None}
 
@@ -168,6 +174,12 @@ def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tvm_target, target_record = resolve(target)
+    if target.device != "cpu":
+        from .targets import availability  # noqa: PLC0415
+
+        can, why = availability(target)["build"]
+        if not can:
+            raise UserError(f"target '{target.name}' cannot be built on this machine: {why}")
     found = find_schedules(target.name, schedules, enabled=use_schedules)
     if spec.family.kind != "decoder":  # sequence bounds are a decoder's
         if max_seq_len is not None:
@@ -224,14 +236,16 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         f"{', '.join(str(d) for d in plan.schedules.directories) if plan.schedules else 'default only'}")
     report = lowering.ScheduleReport()
     database = plan.schedules.open() if plan.schedules else None
-    executable = tvm.compile(mod, plan.tvm_target,
-                             relax_pipeline=lowering.relax_pipeline(plan.tvm_target, database, report))
+    pipeline = lowering.relax_pipeline(plan.tvm_target, database, report)
+    with devicecode.build_context(plan.target, directory):
+        executable = tvm.compile(mod, plan.tvm_target, relax_pipeline=pipeline)
     if plan.schedules:
         log(f"      tuned kernels: {len(report.tuned)}; default schedules: {len(report.default_static)} "
             f"static without a record{': ' + ', '.join(sorted(report.default_static)) if report.default_static else ''}"
             f", {len(report.default_symbolic)} with symbolic shapes")
     log("[3/3] writing the library")
-    executable.export_library(str(directory / LIBRARY))
+    executable.export_library(str(directory / LIBRARY), **devicecode.export_options(plan.target, log))
+    device_code = devicecode.check_library(plan.target, directory / LIBRARY)
     parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype}
                   for name, p in params]
     manifest = {
@@ -249,6 +263,7 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "library": {"file": LIBRARY, "sha256": sha256_file(directory / LIBRARY)},
         "versions": versions(),
         "buckets": plan.buckets,
+        "device_code": device_code,
         "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
                             if plan.schedules else None),
         "identity": plan.identity(),

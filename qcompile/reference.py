@@ -35,6 +35,15 @@ def load_causal_lm(checkpoint: Path):
     return model.eval()
 
 
+def vision_features(checkpoint: Path, pixels: np.ndarray) -> np.ndarray:
+    """last_hidden_state [batch, tokens, width] of the checkpoint's HF vision model (ViTModel or
+    CLIPVisionModel, as its config.json says), float32."""
+    torch, transformers = _import_torch_transformers()
+    model = transformers.AutoModel.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(pixel_values=torch.tensor(pixels)).last_hidden_state.float().numpy()
+
+
 def logits(model, ids) -> np.ndarray:
     """Float32 logits [len(ids), vocab] of one sequence."""
     torch, _ = _import_torch_transformers()

@@ -1,7 +1,9 @@
 """Load a built library with HF weights and run it: prefill, decode, greedy generate.
 
 The library is verified before its shared object is opened: sha256 against the manifest, the TVM
-version it was built with, and (CPU) that this machine has every CPU feature the build assumed.
+version it was built with, and that this machine has the device it was built for (CPU: every
+instruction-set feature the build assumed; GPU: a device of that kind and arch, and a TVM runtime that
+can load its code).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .errors import UserError
 from .models import FAMILIES
 from .pipeline import read_manifest
 from .schema import build_record
-from .targets import host_cpu_features
+from .targets import gpu_present, host_cpu_features
 from .weights import load_parameters
 from .zoo import ModelSpec, load_checkpoint_config
 
@@ -35,12 +37,16 @@ def verify_library(directory: Path, manifest: dict[str, Any], private_dir: Path)
     if built_with != tvm.__version__:
         raise UserError(f"{directory}: built with TVM {built_with}, this runtime is TVM {tvm.__version__}")
     target = manifest["target"]
-    if target["device"] != "cpu":
-        raise UserError(f"{directory}: built for device '{target['device']}'; this runtime runs cpu")
-    missing = sorted(set(target.get("cpu_features", ())) - host_cpu_features())
-    if missing:
-        raise UserError(f"{directory}: built for CPU {target['target'].get('mcpu')}; this CPU lacks "
-                        f"{', '.join(missing[:5])}")
+    if target["device"] == "cpu":
+        missing = sorted(set(target.get("cpu_features", ())) - host_cpu_features())
+        if missing:
+            raise UserError(f"{directory}: built for CPU {target['target'].get('mcpu')}; this CPU lacks "
+                            f"{', '.join(missing[:5])}")
+    else:
+        arch = target.get("arch") or target["target"].get("arch") or target["target"].get("mcpu")
+        present, why = gpu_present(target["device"], arch)
+        if not present:
+            raise UserError(f"{directory}: built for {target['device']} {arch}; {why}")
     copy, digest = private_dir / "model.so", hashlib.sha256()
     try:
         with open(library, "rb") as src, open(copy, "wb") as dst:
@@ -98,7 +104,7 @@ class Library:
         self.manifest = manifest
         self.spec = spec_from_manifest(manifest)
         params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
-        self.device = tvm.cpu(0)
+        self.device = tvm.device(manifest["target"]["device"], 0)
         with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:
             library = verify_library(directory, manifest, Path(private))  # before reading any weight
             _check_checkpoint_matches(self.spec, weights)

@@ -89,7 +89,7 @@ def test_target_tvm_rejects_is_a_user_error(capsys, tmp_path, monkeypatch):
     targets.mkdir()
     (targets / "bogus.yaml").write_text(yaml.safe_dump({
         "description": "a kind TVM does not know", "target": {"kind": "no-such-kind"}, "device": "cpu",
-        "dtype": "float32", "tolerance": {"float32": 1e-4}}))
+        "dtype": "float32", "tolerance": {"float32": {"max_rel_diff": 1e-4}}}))
     monkeypatch.setenv("QCOMPILE_TARGETS", str(targets))
     assert_user_error(capsys, "TVM rejects the target dict", "compile", "qwen2-debug", "--target", "bogus",
                       "-o", tmp_path / "builds" / "lib")

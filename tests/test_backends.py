@@ -1,0 +1,118 @@
+"""Every debug model builds for every target; GPU libraries carry device code built here for the right
+arch; what can run here runs and meets its target's numeric tier; mismatched libraries are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qcompile
+from qcompile import crosscheck, devicecode, targets
+from qcompile.errors import UserError
+
+DEBUG_MODELS = ["qwen2-debug", "qwen2-sw-debug", "qwen3-moe-debug", "vit-debug"]
+ALL_TARGETS = sorted(targets.list_targets())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("check")
+
+
+def test_the_issue_targets_exist():
+    assert set(ALL_TARGETS) >= {"cpu", "cpu-x86-64-v3", "cuda-sm80", "cuda-sm90", "rocm-gfx90a", "rocm-gfx942"}
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_this_machine_can_build_every_target(target):
+    """setup.sh installs the cross toolchains (nvcc is on the image; lld-22, rocm-device-libs by apt)."""
+    can, why = targets.availability(targets.load_target(target))["build"]
+    assert can, f"{target}: {why}"
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+@pytest.mark.parametrize("model", DEBUG_MODELS)
+def test_debug_model_builds_runs_where_it_can_and_meets_its_tier(model, target, workdir):
+    spec = targets.load_target(target)
+    row = crosscheck.check_pair(model, target, workdir=workdir, log=lambda _m: None)
+    library = workdir / f"{model}--{target}--{row['dtype']}" / "model.so"
+    modules = devicecode.device_modules(library)  # read back from the .so's bytes
+    if spec.device == "cpu":
+        assert modules == [] and row["built"]["device_code"] is None
+        assert row["ran"]["ok"] and row["failed"] == [], row
+        return
+    assert row["ran"]["ok"] is False and row["ran"]["why"]  # no GPU runtime here: said, not skipped
+    assert row["built"]["device_code"]["modules"] == modules and len(modules) == 1
+    (module,) = modules
+    if spec.device == "cuda":
+        number = spec.arch.removeprefix("sm_")
+        assert (module["kind"], module["format"], module["code"]) == ("cuda", "fatbin", "fatbin")
+        assert module["cubin"] == [spec.arch] and module["ptx"] == [f"compute_{number}"]
+    else:
+        assert (module["kind"], module["code"], module["arch"]) == ("hip", "hsaco", spec.arch)
+        assert module["code_object_version"] == spec.device_code["code_object_version"] == 5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_cpu_build_meets_its_tier(dtype, workdir):
+    """The 16-bit tier metrics (top-1 agreement, KL, max diff) on the one backend that runs here."""
+    row = crosscheck.check_pair("qwen2-debug", "cpu", dtype=dtype, workdir=workdir, log=lambda _m: None)
+    metrics = row["vs_transformers"]
+    assert set(metrics) == {"max_rel_diff", "top1_agreement", "kl"}
+    assert row["failed"] == [], row
+    assert 0 < metrics["max_rel_diff"] and metrics["kl"] >= 0  # 16-bit really differs from float32
+
+
+def test_compare_metrics():
+    import numpy as np
+
+    ref = np.array([[0.0, 1.0, 5.0], [2.0, 0.0, 0.0]])
+    same = crosscheck.compare(ref, ref, logits=True)
+    assert same == {"max_rel_diff": 0.0, "top1_agreement": 1.0, "kl": 0.0}
+    swapped = crosscheck.compare(ref[:, ::-1], ref, logits=True)
+    assert swapped["top1_agreement"] == 0.0 and swapped["kl"] > 1
+    assert crosscheck.within(swapped, {"max_rel_diff": 1.0, "top1_agreement": 0.9}) == [
+        "top1_agreement 0 (tier 0.9)"]
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qcompile", *map(str, args)], capture_output=True, text=True)
+
+
+def test_inspect_shows_arch_device_code_and_toolchain(workdir):
+    crosscheck.check_pair("qwen2-debug", "cuda-sm90", workdir=workdir, log=lambda _m: None)
+    crosscheck.check_pair("qwen2-debug", "rocm-gfx942", workdir=workdir, log=lambda _m: None)
+    cuda = json.loads(_cli("inspect", workdir / "qwen2-debug--cuda-sm90--float16", "--json").stdout)
+    assert cuda["arch"] == "sm_90" and cuda["toolchain"]["nvcc"]
+    assert cuda["device_modules_in_library"][0]["cubin"] == ["sm_90"]
+    text = _cli("inspect", workdir / "qwen2-debug--rocm-gfx942--float16").stdout
+    assert "gfx942, code object v5" in text and "ld.lld 22" in text
+
+
+def test_loading_on_the_wrong_device_or_tvm_is_refused(workdir, tmp_path):
+    crosscheck.check_pair("qwen2-debug", "cuda-sm90", workdir=workdir, log=lambda _m: None)
+    with pytest.raises(UserError, match=r"built for cuda sm_90; this TVM runtime cannot load cuda code"):
+        qcompile.load(workdir / "qwen2-debug--cuda-sm90--float16", weights=tmp_path)
+
+    crosscheck.check_pair("qwen2-debug", "cpu", workdir=workdir, log=lambda _m: None)
+    copy = tmp_path / "lib"
+    shutil.copytree(workdir / "qwen2-debug--cpu--float32", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["versions"]["tvm"] = "0.26.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    import tvm
+
+    with pytest.raises(UserError, match=rf"built with TVM 0.26.0, this runtime is TVM {tvm.__version__}"):
+        qcompile.load(copy, weights=tmp_path)
+
+
+def test_targets_list_says_what_builds_and_runs_here():
+    listed = json.loads(_cli("targets", "list", "--json").stdout)
+    assert listed["cpu"]["run"]["ok"] and listed["cuda-sm90"]["build"]["ok"]
+    assert not listed["cuda-sm90"]["run"]["ok"] and "cuda" in listed["cuda-sm90"]["run"]["why"]
+    assert listed["rocm-gfx942"]["device_code"] == {"format": "hsaco", "code_object_version": 5}
