@@ -164,6 +164,11 @@ def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len
           log=print) -> dict[str, Any]:
     """Build both libraries (registry: reused when unchanged), write random weights once, measure."""
     spec = zoo.resolve_model(model)
+    if repeats < 1 or decode_tokens < 1:
+        raise UserError("--repeats and --decode-tokens must be >= 1")
+    if spec.family.kind == "decoder" and not 8 <= prompt_len <= spec.config.max_position_embeddings - decode_tokens - 8:
+        raise UserError(f"--prompt-len must be in 8..{spec.config.max_position_embeddings - decode_tokens - 8} "
+                        f"for {spec.name}")
     if target != "cpu":
         raise UserError(f"bench runs on this machine's CPU; target '{target}' needs its device")
     kind = spec.family.kind
@@ -240,7 +245,7 @@ def _mb(figures: dict[str, Any]) -> str:
 if __name__ == "__main__":  # the child process of `_child`
     engine_name, engine_args = sys.argv[1], json.loads(sys.argv[2])
     figures = run_engine(engine_name, **engine_args)
-    import resource  # noqa: PLC0415
-
-    figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # VmHWM: this process's peak resident set (ru_maxrss would carry the parent's over execve)
+    status = Path("/proc/self/status").read_text()
+    figures["peak_rss_bytes"] = int(status.split("VmHWM:")[1].split()[0]) * 1024
     print(json.dumps(figures))

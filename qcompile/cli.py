@@ -203,6 +203,25 @@ def cmd_check(args) -> None:
                         f"(first: {failed[0]['model']} on {failed[0]['target']}: {failed[0]['failed'][0]})")
 
 
+def cmd_bench(args) -> None:
+    from . import bench
+
+    log = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    report = bench.bench(args.model, target=args.target, vs_torch=args.vs == "torch",
+                         prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                         repeats=args.repeats, workdir=args.workdir, log=log)
+    if args.json:
+        return _emit_json(report)
+    header, rows = bench.table(report)
+    machine = report["machine"]
+    print(f"{report['model']} on {report['target']}, batch 1, median of {report['repeats']} runs; "
+          f"{report['tuned_kernels']} tuned kernels (database {report['tuning_database'] or 'none'})")
+    print(f"measured here: read bandwidth {machine['read_bytes_per_s'] / 1e9:.1f} GB/s, float32 matmul "
+          f"peak {machine['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s")
+    _print_table(rows, header)
+    print(json.dumps(report))
+
+
 def cmd_init_weights(args) -> None:
     from . import api
 
@@ -433,6 +452,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="compute dtype (default: the target's)")
     p.add_argument("--json", action="store_true", help="machine-readable report (no progress bar)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("bench", help="speed side by side: tuned, default schedules, transformers",
+                       description="One run on this machine: qcompile with the committed schedules, "
+                       "qcompile with default schedules, and (--vs torch) transformers eager and "
+                       "torch.compile, each in its own process on the same random-weight checkpoint. "
+                       "Decoders: prefill latency and decode tokens/s; encoders: encode latency. Each "
+                       "beside its physical limit (bytes / measured read bandwidth for decode, FLOPs / "
+                       "measured matmul peak for prefill). Prints a table, then the JSON.")
+    p.add_argument("model", help="zoo name")
+    p.add_argument("--target", default="cpu", help="cpu (the engines run here)")
+    p.add_argument("--vs", choices=["torch"], help="also run transformers eager and torch.compile")
+    p.add_argument("--prompt-len", type=_non_negative_int, default=128, help="prefill tokens (128)")
+    p.add_argument("--decode-tokens", type=_non_negative_int, default=32, help="decode steps per run (32)")
+    p.add_argument("--repeats", type=_non_negative_int, default=5, help="runs per figure; median (5)")
+    p.add_argument("--workdir", type=Path, default=Path("build/bench"),
+                   help="random-weight checkpoints are kept here (build/bench)")
+    p.add_argument("--json", action="store_true", help="JSON only")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("check", help="cross-backend regression: build, run where possible, compare",
                        description="For every MODEL x TARGET: build the library (device code checked), "

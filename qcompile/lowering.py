@@ -2,8 +2,8 @@
 
   1. FuseTransposeMatmul   x @ W^T reads W [out, in] where it lies (without it every call copies
                            every weight into a transposed temporary: 2x the bytes of a decode step)
-  2. fuse                  library dispatch, LegalizeOps .. FuseTIR: one PrimFunc per fused kernel; these PrimFuncs are
-                           MetaSchedule's tuning tasks (`fused`)
+  2. fuse                  library dispatch, LegalizeOps .. FuseTIR: one PrimFunc per fused kernel;
+                           these PrimFuncs are MetaSchedule's tuning tasks (`fused`)
   3. schedule              kernels the tuning database has records for get their best schedule; on GPU
                            dlight's default rules schedule the rest (a GPU kernel needs thread bindings);
                            on CPU the rest keep TVM's default lowering

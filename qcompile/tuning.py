@@ -131,6 +131,7 @@ def static_tasks(plan: pipeline.BuildPlan, kernels: str | None = None,
     tasks = ms.relax_integration.extract_tasks(lowering.fused(mod, plan.tvm_target), plan.tvm_target)
     static = [t for t in tasks if not lowering.is_symbolic(t.dispatched[0]["main"])]
     symbolic = len(tasks) - len(static)
+    static = [t for t in static if _schedulable(t.dispatched[0])]  # not library calls (topk, sort)
     if kernels is not None:
         static = [t for t in static if fnmatch.fnmatchcase(t.task_name, kernels)]
         if not static:
@@ -309,6 +310,17 @@ def _interruptible():
 def _record_counts(directory: Path) -> Counter:
     lines = check_database(directory)
     return Counter(lines.workloads[index] for index, _ in lines.records)
+
+
+def _schedulable(mod: Any) -> bool:
+    """A kernel written as TIR blocks (a library call such as topk has none to schedule)."""
+    from tvm import s_tir  # noqa: PLC0415
+
+    try:
+        s_tir.Schedule(mod).get_sblock("root")
+    except Exception:  # noqa: BLE001 (TVM raises its own error types for a missing block)
+        return False
+    return True
 
 
 def _default_trace(mod: Any) -> Any:
