@@ -44,7 +44,7 @@ class TargetSpec:
         if self.device not in ("cpu", "cuda", "rocm"):
             raise UserError(f"{where}: field 'device' must be cpu, cuda or rocm, got {self.device!r}")
         expected = {"cpu": "llvm", "cuda": "cuda", "rocm": "rocm"}[self.device]
-        if self.target["kind"] != expected:
+        if self.target["kind"] in ("llvm", "cuda", "rocm") and self.target["kind"] != expected:
             raise UserError(f"{where}: device '{self.device}' needs target kind '{expected}'")
         if (self.device == "cpu") != (self.device_code is None):
             raise UserError(f"{where}: field 'device_code' is for GPU targets (and they need it)")

@@ -96,6 +96,11 @@ def parse_rpc(text: str) -> tuple[str, int, str]:
     return parts[0], int(parts[1]), parts[2]
 
 
+# MetaSchedule's per-task search log: warnings only (its INFO tables would tear the progress bar).
+_SEARCH_LOG = logging.getLogger("qcompile.tuning.search")
+_SEARCH_LOG.setLevel(logging.WARNING)
+
+
 def _workers(target: Any, rpc: str | None) -> tuple[Any, Any]:
     """MetaSchedule's builder and runner (local, or a device behind the RPC tracker)."""
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
@@ -254,10 +259,10 @@ def tune(plan: pipeline.BuildPlan, *, trials: int, directory: Path | None = None
                 if budget == 0:
                     continue
                 progress.start(result.name, _best(db, task))
-                # MetaSchedule's console log would tear the progress bar; its log files stay in work_dir.
-                logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-                (context,), _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    [task], work_dir, strategy=ms.search_strategy.EvolutionarySearch(**SEARCH))
+                context = ms.TuneContext(
+                    mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+                    search_strategy=ms.search_strategy.EvolutionarySearch(**SEARCH),
+                    task_name=task.task_name, logger=_SEARCH_LOG, num_threads="physical")
                 ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir,
                               max_trials_global=budget, max_trials_per_task=budget,
                               num_trials_per_iter=min(budget, TRIALS_PER_ITERATION), builder=builder,

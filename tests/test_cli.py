@@ -34,7 +34,8 @@ def test_zoo_and_targets_listing(capsys):
     shown = json.loads(out)
     assert code == 0 and shown["config"]["tie_word_embeddings"] and 4.9e8 < shown["parameters"] < 5.0e8
     code, out, _ = run_cli(capsys, "targets", "list")
-    assert code == 0 and out.splitlines()[1].startswith("cpu ")
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert code == 0 and "yes: this CPU" in rows["cpu"] and "no: " in rows["cuda-sm90"]
 
 
 def test_run_json_and_logits_out(capsys, tmp_path, debug_library, debug_checkpoint):
