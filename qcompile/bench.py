@@ -30,6 +30,7 @@ from .errors import UserError
 
 ENGINES = ("qcompile-tuned", "qcompile-default")
 TORCH_ENGINES = ("torch-eager", "torch-compile")
+ENGINE_TIMEOUT = 900  # seconds per engine (torch.compile's first compile is the slow one)
 
 
 # --- physical limits ---------------------------------------------------------------------------------
@@ -151,7 +152,10 @@ def _run_torch(engine, checkpoint, kind, prompt_len, decode_tokens, repeats, rng
 def _child(engine: str, args: dict[str, Any]) -> dict[str, Any]:
     """Run one engine in a fresh Python: its figures (with its own peak RSS), or its error."""
     command = [sys.executable, "-m", "qcompile.bench", engine, json.dumps(args)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=ENGINE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {ENGINE_TIMEOUT} s"}
     if done.returncode != 0:
         return {"error": ((done.stderr.strip().splitlines() or ["no output"])[-1])[:200]}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -176,7 +176,7 @@ def cmd_tune(args) -> None:
     seconds = time.perf_counter() - start
     if args.json:
         return _emit_json({**report, "seconds": round(seconds, 1)})
-    _print_table(tuning.format_report(report), ["KERNEL", "CALLS", "TRIALS", "DEFAULT ms", "TUNED ms", "SPEEDUP"])
+    _print_table(tuning.format_report(report), ["KERNEL (INPUT SHAPES)", "CALLS", "TRIALS", "DEFAULT ms", "TUNED ms", "SPEEDUP"])
     print(f"tuned in {seconds:.0f} s; database, report.json and curve.png in {report['directory']}")
 
 

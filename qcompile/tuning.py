@@ -51,6 +51,7 @@ class TaskResult:
     trials: int = 0  # records in the database
     default_seconds: float | None = None
     tuned_seconds: float | None = None  # best record
+    inputs: str = ""  # the kernel's input shapes, e.g. "128x896 9728x896" (names repeat across functions)
 
     @property
     def speedup(self) -> float | None:
@@ -240,7 +241,8 @@ def tune(plan: pipeline.BuildPlan, *, trials: int, directory: Path | None = None
     keys = [str(w.as_json()[0]) for w in workloads]  # the structural hash the file stores
     _record_defaults(db, tasks, workloads, target, builder, runner, log)
     done = _record_counts(directory)
-    results = [TaskResult(t.task_name, int(t.weight), k, done[k], _default_seconds(db, w))
+    results = [TaskResult(t.task_name, int(t.weight), k, done[k], _default_seconds(db, w),
+                          inputs=_input_shapes(t.dispatched[0]))
                for t, k, w in zip(tasks, keys, workloads, strict=True)]
     # Costliest kernels first (weight x default time), so a run cut short has spent its time well.
     order = sorted(range(len(tasks)), key=lambda i: -results[i].weight * (results[i].default_seconds or 1e9))
@@ -317,6 +319,13 @@ def _record_counts(directory: Path) -> Counter:
     return Counter(lines.workloads[index] for index, _ in lines.records)
 
 
+def _input_shapes(mod: Any) -> str:
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
+
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])[:-1]  # the last is the output
+    return " ".join("x".join(str(int(d)) for d in a.shape) for a in args if hasattr(a, "shape"))
+
+
 def _schedulable(mod: Any) -> bool:
     """A kernel written as TIR blocks (a library call such as topk has none to schedule)."""
     from tvm import s_tir  # noqa: PLC0415
@@ -350,7 +359,9 @@ def _record_defaults(db: Any, tasks: list[Any], workloads: list[Any], target: An
 
     if target.kind.name != "llvm":
         return
-    todo = [i for i, w in enumerate(workloads) if _default_seconds(db, w) is None]
+    recorded = {id(w) for w in workloads
+                if any(r.workload.same_as(w) and _is_default(r) for r in db.get_all_tuning_records())}
+    todo = [i for i, w in enumerate(workloads) if id(w) not in recorded]  # a failed default counts
     if not todo:
         return
     log(f"measuring {len(todo)} kernels with their default schedules")
@@ -428,7 +439,7 @@ def format_report(report: dict[str, Any]) -> list[list[str]]:
     def ms_(v: float | None) -> str:
         return f"{v * 1e3:.4f}" if v is not None else "-"
 
-    rows = [[t["name"], str(t["weight"]), str(t["trials"]), ms_(t["default_seconds"]),
+    rows = [[f"{t['name']} ({t.get('inputs') or '?'})", str(t["weight"]), str(t["trials"]), ms_(t["default_seconds"]),
              ms_(t["tuned_seconds"]), f"{t['speedup']:.1f}x" if t["speedup"] else "-"]
             for t in sorted(report["tasks"], key=lambda t: -(t["weight"] * (t["default_seconds"] or 0)))]
     totals = report["static_kernels_seconds_per_step"]
