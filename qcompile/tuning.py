@@ -209,6 +209,8 @@ def _measure_callback(progress: _Progress) -> Any:
                 ok = result.error_msg is None and result.run_secs
                 secs.append(statistics.mean(float(s) for s in result.run_secs) if ok else None)
             progress.measured(secs)
+            if _STOP:  # a signal came: this batch is in the database (AddToDatabase ran first)
+                raise KeyboardInterrupt
 
     return ProgressCallback()
 
@@ -255,10 +257,10 @@ def tune(plan: pipeline.BuildPlan, *, trials: int, directory: Path | None = None
     progress = _Progress(total, show_progress)
     cost_model = ms.cost_model.XGBModel()  # shared: what one kernel teaches carries to the next
     try:
-        with tempfile.TemporaryDirectory(prefix="qcompile-tune-") as work_dir, _interruptible():
+        with tempfile.TemporaryDirectory(prefix="qcompile-tune-") as work_dir, _interruptible(log):
             for task, result in zip(tasks, results, strict=True):
                 budget = remaining[result.workload]
-                if budget == 0:
+                if budget == 0 or _STOP:
                     continue
                 progress.start(result.name, _best(db, task))
                 context = ms.TuneContext(
@@ -291,27 +293,35 @@ def tune(plan: pipeline.BuildPlan, *, trials: int, directory: Path | None = None
     return report
 
 
+_STOP: list[int] = []  # signals received during a tuning run
+
+
 @contextlib.contextmanager
-def _interruptible():
-    """Ctrl-C or SIGTERM stop tuning as KeyboardInterrupt. (Raised inside one of MetaSchedule's Python
-    callbacks, the interrupt reaches us re-wrapped as a RuntimeError; the flag tells them apart.)
-    Records are appended whole by C++ code that a Python signal handler cannot cut."""
-    interrupted: list[int] = []
+def _interruptible(log: Callable[[str], None]):
+    """Ctrl-C or SIGTERM stop tuning after the batch being measured: the measure callback raises
+    KeyboardInterrupt once that batch's records are in the database (raising from the signal handler
+    itself, at an arbitrary point inside TVM or XGBoost, crashed the process). A second signal stops at
+    once. MetaSchedule re-wraps the callback's exception as a RuntimeError; the flag tells them apart."""
+    _STOP.clear()
 
     def handler(signum, _frame):
-        interrupted.append(signum)
-        raise KeyboardInterrupt
+        if _STOP:
+            raise KeyboardInterrupt
+        _STOP.append(signum)
+        log("stopping after the batch being measured (its records are kept); signal again to stop now")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except Exception:
-        if interrupted:
+        if _STOP:
             raise KeyboardInterrupt from None
         raise
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+    if _STOP:
+        raise KeyboardInterrupt
 
 
 def _record_counts(directory: Path) -> Counter:
