@@ -168,7 +168,7 @@ def _child(engine: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len: int = 128,
           decode_tokens: int = 32, repeats: int = 5, workdir: Path = Path("build/bench"),
-          log=print) -> dict[str, Any]:
+          skip: tuple[str, ...] = (), log=print) -> dict[str, Any]:
     """Build both libraries (registry: reused when unchanged), write random weights once, measure."""
     spec = zoo.resolve_model(model)
     if repeats < 1 or decode_tokens < 1:
@@ -194,7 +194,10 @@ def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len
     args = {"checkpoint": str(checkpoint), "kind": kind, "prompt_len": prompt_len,
             "decode_tokens": decode_tokens, "repeats": repeats}
     results = {}
-    for engine in ENGINES + (TORCH_ENGINES if vs_torch else ()):
+    engines = [e for e in ENGINES + (TORCH_ENGINES if vs_torch else ()) if e not in skip]
+    if set(skip) - set(ENGINES + TORCH_ENGINES):
+        raise UserError(f"--skip: unknown engine(s) {sorted(set(skip) - set(ENGINES + TORCH_ENGINES))}")
+    for engine in engines:
         log(f"running {engine}")
         library = str(libraries[engine].path) if engine in libraries else None
         results[engine] = _child(engine, {**args, "library": library})

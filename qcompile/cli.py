@@ -209,7 +209,8 @@ def cmd_bench(args) -> None:
     log = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
     report = bench.bench(args.model, target=args.target, vs_torch=args.vs == "torch",
                          prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
-                         repeats=args.repeats, workdir=args.workdir, log=log)
+                         repeats=args.repeats, workdir=args.workdir, log=log,
+                         skip=tuple(args.skip.split(",")) if args.skip else ())
     if args.json:
         return _emit_json(report)
     header, rows = bench.table(report)
@@ -466,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=_non_negative_int, default=128, help="prefill tokens (128)")
     p.add_argument("--decode-tokens", type=_non_negative_int, default=32, help="decode steps per run (32)")
     p.add_argument("--repeats", type=_non_negative_int, default=5, help="runs per figure; median (5)")
+    p.add_argument("--skip", metavar="ENGINES",
+                   help="engines to leave out, comma-separated (e.g. qcompile-default: minutes per run)")
     p.add_argument("--workdir", type=Path, default=Path("build/bench"),
                    help="random-weight checkpoints are kept here (build/bench)")
     p.add_argument("--json", action="store_true", help="JSON only")
