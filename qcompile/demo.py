@@ -58,8 +58,10 @@ def run_demo(model: str, *, workdir: Path, prompt_len: int, max_new_tokens: int,
     print(f"tokens identical: {'yes' if same else 'NO'}")
     print(f"max |logit diff| over {len(ref_logits)} positions: {diff:.3g} "
           f"(logit scale {scale:.3g}; relative {diff / scale:.2g})")
+    tuning = manifest["tuning_database"]
+    tuned = f"{len(tuning['kernels']['tuned'])} tuned kernels" if tuning else "default schedules"
     print(f"decode tokens/s: qcompile {rate:.1f}, transformers eager {ref.decode_tokens_per_s:.1f} "
-          f"(untuned kernels; batch 1)")
+          f"({tuned}; batch 1)")
     print(f"total {time.perf_counter() - start:.1f} s")
     return {"tokens_identical": same, "max_logit_diff": diff, "logit_scale": scale,
             "qcompile_decode_tokens_per_s": rate,
