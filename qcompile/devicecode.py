@@ -258,14 +258,17 @@ def lld() -> tuple[str, int] | None:
 
 
 @contextlib.contextmanager
-def rocm_code_object(version: int, workdir: Path) -> Iterator[None]:
+def rocm_code_object(version: int) -> Iterator[None]:
     """While building, link one more bitcode module whose only content is the module flag
     `amdhsa_code_object_version` (TVM 0.27 defaults to v6, which ROCm older than 6.3 cannot load)."""
+    import tempfile  # noqa: PLC0415
+
     import tvm  # noqa: PLC0415
     import tvm_ffi  # noqa: PLC0415
     from tvm.support import rocm  # noqa: PLC0415
 
-    flag = Path(workdir) / f"code_object_v{version}.ll"
+    workdir = tempfile.TemporaryDirectory(prefix="qcompile-rocm-")
+    flag = Path(workdir.name) / f"code_object_v{version}.ll"
     flag.write_text('!llvm.module.flags = !{!0}\n'
                     f'!0 = !{{i32 1, !"amdhsa_code_object_version", i32 {version * 100}}}\n')
     original = rocm.callback_rocm_bitcode_path
@@ -284,6 +287,7 @@ def rocm_code_object(version: int, workdir: Path) -> Iterator[None]:
         yield
     finally:
         tvm_ffi.register_global_func("tvm_callback_rocm_bitcode_path", original, override=True)
+        workdir.cleanup()
 
 
 # --- what the pipeline calls ------------------------------------------------------------------------
@@ -300,7 +304,7 @@ def toolchain(target: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def build_context(target: Any, workdir: Path) -> Iterator[None]:
+def build_context(target: Any) -> Iterator[None]:
     """Around tvm.compile: ROCm needs the device libraries' root and a pinned code-object version."""
     if target.device != "rocm":
         yield
@@ -308,10 +312,8 @@ def build_context(target: Any, workdir: Path) -> Iterator[None]:
     import os  # noqa: PLC0415
 
     os.environ.setdefault("ROCM_PATH", ROCM_PATH)
-    with rocm_code_object(int(target.device_code["code_object_version"]), workdir):
+    with rocm_code_object(int(target.device_code["code_object_version"])):
         yield
-    for leftover in Path(workdir).glob("code_object_v*.ll"):
-        leftover.unlink()
 
 
 def export_options(target: Any, log: Callable[[str], None]) -> dict[str, Any]:

@@ -237,7 +237,7 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
     report = lowering.ScheduleReport()
     database = plan.schedules.open() if plan.schedules else None
     pipeline = lowering.relax_pipeline(plan.tvm_target, database, report)
-    with devicecode.build_context(plan.target, directory):
+    with devicecode.build_context(plan.target):
         executable = tvm.compile(mod, plan.tvm_target, relax_pipeline=pipeline)
     if plan.schedules:
         log(f"      tuned kernels: {len(report.tuned)}; default schedules: {len(report.default_static)} "
