@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import qcompile
-from qcompile import reference
+from qcompile.measure import reference
 from qcompile.models.qwen3_moe import Qwen3MoeConfig
 from qcompile.weights import write_random_checkpoint
 from qcompile.zoo import ModelSpec

@@ -1,4 +1,9 @@
-"""The Python entry points; the CLI is a thin front over these. MODEL is a zoo name or an HF directory."""
+"""The Python entry points, typed and keyword-only; the CLI calls nothing else.
+
+MODEL is a zoo name or an HF checkpoint directory; LIBRARY a directory `compile` wrote. Heavy modules (the
+compiler, torch) are imported inside the functions that need them, so `load` of a built library does not
+pay for the build side.
+"""
 
 from __future__ import annotations
 
@@ -8,77 +13,111 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import pipeline, registry, runtime, targets, weights, zoo
-from .atomic import atomic_dir
 from .errors import UserError
+from .spec.model import ModelSpec, load_zoo, model_summary, resolve_model, resolve_runnable
+from .spec.target import DEFAULT_TARGET, TargetSpec, availability, list_targets, load_target
+
+Log = Callable[[str], None]
 
 
 def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
-          schedules: str | os.PathLike | None = None, use_schedules: bool = True) -> pipeline.BuildPlan:
-    return pipeline.plan_build(zoo.resolve_model(model), targets.load_target(target), dtype=dtype,
-                               max_seq_len=max_seq_len, use_schedules=use_schedules,
-                               schedules=Path(schedules) if schedules is not None else None)
+          schedules: str | os.PathLike | None = None, use_schedules: bool = True):
+    from .build.plan import plan_build  # noqa: PLC0415
+
+    return plan_build(resolve_model(model), load_target(target), dtype=dtype, max_seq_len=max_seq_len,
+                      use_schedules=use_schedules, schedules=Path(schedules) if schedules is not None else None)
 
 
-def compile_model(model: str | os.PathLike, *, target: str = "cpu", out: str | os.PathLike,
+# --- building ----------------------------------------------------------------------------------------
+
+def compile_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, out: str | os.PathLike,
                   dtype: str | None = None, max_seq_len: int | None = None,
                   schedules: str | os.PathLike | None = None, use_schedules: bool = True,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Log = print) -> dict[str, Any]:
     """Build MODEL for TARGET into library directory OUT (atomic); returns the manifest. Kernels come
     from the tuning database SCHEDULES (default: the target's committed ones) unless use_schedules is
     False; kernels without a record get default schedules."""
+    from .atomic import atomic_dir  # noqa: PLC0415
+    from .build.builder import write_library  # noqa: PLC0415
+    from .build.library import is_library_dir  # noqa: PLC0415
+
     plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
-    with atomic_dir(Path(out), replaceable=pipeline.is_library_dir) as tmp:
-        return pipeline.write_library(plan, tmp, log=log)
+    with atomic_dir(Path(out), replaceable=is_library_dir) as tmp:
+        return write_library(plan, tmp, log=log)
 
 
-def register_model(model: str | os.PathLike, *, target: str = "cpu", dtype: str | None = None,
+def register_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, dtype: str | None = None,
                    max_seq_len: int | None = None, copy_to: str | os.PathLike | None = None,
                    schedules: str | os.PathLike | None = None, use_schedules: bool = True,
-                   log: Callable[[str], None] = print) -> tuple[registry.Entry, bool]:
+                   log: Log = print):
     """Build MODEL for TARGET into the registry unless an identical build is there; optionally copy the
-    entry to a library directory COPY_TO (atomic). Returns (the entry, whether it was built now)."""
+    entry to a library directory COPY_TO (atomic). Returns (the registry.Entry, whether it was built now)."""
+    from . import registry  # noqa: PLC0415
+    from .atomic import atomic_dir  # noqa: PLC0415
+    from .build.library import LIBRARY, MANIFEST, is_library_dir  # noqa: PLC0415
+
     plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
     store = registry.Registry()
     key, built, lock_fd = store.publish(plan, log=log)
     try:  # the shared lock keeps gc away while we read and copy
         entry = store.entry(key)
         if copy_to is not None:
-            with atomic_dir(Path(copy_to), replaceable=pipeline.is_library_dir) as tmp:
-                for name in (pipeline.LIBRARY, pipeline.MANIFEST):
+            with atomic_dir(Path(copy_to), replaceable=is_library_dir) as tmp:
+                for name in (LIBRARY, MANIFEST):
                     shutil.copy2(entry.path / name, tmp / name)
     finally:
         os.close(lock_fd)
     return entry, built
 
 
-def tune(model: str | os.PathLike, *, target: str = "cpu", trials: int = 64,
+def tune(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, trials: int = 64,
          schedules: str | os.PathLike | None = None, rpc: str | None = None, dtype: str | None = None,
          kernels: str | None = None, functions: list[str] | None = None,
-         log: Callable[[str], None] = print, show_progress: bool = True) -> dict[str, Any]:
+         log: Log = print, show_progress: bool = True) -> dict[str, Any]:
     """MetaSchedule-tune MODEL's static-shape kernels for TARGET to TRIALS records each (resuming what
-    SCHEDULES, default schedules/<target>/<model>/, holds). Returns the per-kernel report."""
-    from . import tuning  # noqa: PLC0415
+    SCHEDULES, default the target's schedules directory for MODEL, holds). Returns the per-kernel report."""
+    from .tune.search import tune as run_tuning  # noqa: PLC0415
 
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     plan = _plan(model, target, dtype, None, use_schedules=False)
-    return tuning.tune(plan, trials=trials, directory=Path(schedules) if schedules else None, rpc=rpc,
-                       kernels=kernels, functions=functions, log=log, show_progress=show_progress)
+    return run_tuning(plan, trials=trials, directory=Path(schedules) if schedules else None, rpc=rpc,
+                      kernels=kernels, functions=functions, log=log, show_progress=show_progress)
+
+
+def format_tuning_report(report: dict[str, Any]) -> list[list[str]]:
+    """The per-kernel table rows of a tuning report."""
+    from .tune.report import format_report  # noqa: PLC0415
+
+    return format_report(report)
 
 
 def init_weights(model: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, std: float = 0.15,
                  max_shard_bytes: int = 2 << 30) -> Path:
     """Write a random-weight HF checkpoint (config.json + safetensors) for MODEL to OUT (atomic)."""
-    return weights.write_random_checkpoint(zoo.resolve_model(model), Path(out), seed=seed, std=std,
-                                           max_shard_bytes=max_shard_bytes)
+    from .run.weights import write_random_checkpoint  # noqa: PLC0415
+
+    return write_random_checkpoint(resolve_model(model), Path(out), seed=seed, std=std,
+                                   max_shard_bytes=max_shard_bytes)
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+def describe_runnable(what: str | os.PathLike) -> tuple[ModelSpec, Path | None]:
+    """What `run` was given: (the model, the library directory) for a LIBRARY, (the model, None) for a
+    MODEL whose registry entry is meant. One rule for every command: `spec.model.resolve_runnable`."""
+    return resolve_runnable(what)
 
 
 def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLike,
-         model: str | os.PathLike | None = None, target: str = "cpu", dtype: str | None = None,
-         max_seq_len: int | None = None) -> runtime.Decoder:
+         model: str | os.PathLike | ModelSpec | None = None, target: str = DEFAULT_TARGET, dtype: str | None = None,
+         max_seq_len: int | None = None):
     """Open a verified library with an HF checkpoint's weights: a library DIRECTORY, or the registry's
-    entry for MODEL built for TARGET with the same options (held in use until `.close()`)."""
+    entry for MODEL built for TARGET with the same options (held in use until `.close()`). Returns a
+    `run.runtime.Decoder` or `Encoder`."""
+    from . import registry  # noqa: PLC0415
+    from .run import runtime  # noqa: PLC0415
+
     if (directory is None) == (model is None):
         raise UserError("load: give either a library directory or model=")
     if directory is not None:
@@ -93,13 +132,85 @@ def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLi
         raise
 
 
-def list_models() -> dict[str, zoo.ModelSpec]:
-    return zoo.load_zoo()
+def pixel_values(images: Any, spec: ModelSpec):
+    """Images (paths, PIL images or an array) -> float32 [batch, channels, size, size] for an encoder,
+    preprocessed as its HF image processor does (every image read and checked)."""
+    from .run.vision import as_pixel_values  # noqa: PLC0415
+
+    return as_pixel_values(images, spec.config)
+
+
+# --- what is there -----------------------------------------------------------------------------------
+
+def list_models() -> dict[str, ModelSpec]:
+    return load_zoo()
 
 
 def show_model(model: str | os.PathLike) -> dict[str, Any]:
-    return zoo.model_summary(zoo.resolve_model(model))
+    spec = resolve_model(model)
+    return {**model_summary(spec), "tensor_parallel_plan": spec.family.tensor_parallel_plan}
 
 
-def list_targets() -> dict[str, targets.TargetSpec]:
-    return targets.list_targets()
+def target_status() -> dict[str, tuple[TargetSpec, dict[str, tuple[bool, str]]]]:
+    """Every target with whether this machine can build it and run what it builds (and why not)."""
+    return {name: (spec, availability(spec)) for name, spec in list_targets().items()}
+
+
+def inspect(library: str | os.PathLike) -> dict[str, Any]:
+    """What a library was built for and the device code its shared object carries (read from its bytes)."""
+    from .build.devicecode import device_modules  # noqa: PLC0415
+    from .build.library import LIBRARY, read_manifest  # noqa: PLC0415
+
+    manifest = read_manifest(Path(library))
+    target = manifest["target"]
+    return {"model": manifest["model"]["name"], "target": target["name"], "device": target["device"],
+            "arch": target.get("arch"), "dtype": manifest["dtype"],
+            "device_code": manifest.get("device_code"),
+            "device_modules_in_library": device_modules(Path(library) / LIBRARY),
+            "toolchain": manifest["identity"]["toolchain"], "versions": manifest["versions"],
+            "tuning_database": manifest.get("tuning_database"), "library": manifest["library"]}
+
+
+def registry():
+    """The library registry ($QCOMPILE_HOME): list, entry, verify, remove, gc."""
+    from .registry import Registry  # noqa: PLC0415
+
+    return Registry()
+
+
+def parse_size(text: str) -> int:
+    from .registry import parse_size as parse  # noqa: PLC0415
+
+    return parse(text)
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+def check(models: list[str], targets: list[str], *, workdir: str | os.PathLike, dtype: str | None = None,
+          log: Log = print) -> list[dict[str, Any]]:
+    """The cross-backend harness: build every (model, target), run what runs here, compare with
+    transformers and the float32 CPU library against the target's tier."""
+    from .measure.check import run  # noqa: PLC0415
+
+    return run(models, targets, workdir=Path(workdir), dtype=dtype, log=log)
+
+
+def bench(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, vs_torch: bool = False,
+          prompt_len: int = 128, decode_tokens: int = 32, repeats: int = 5,
+          workdir: str | os.PathLike = "build/bench", skip: tuple[str, ...] = (), log: Log = print):
+    """Speed side by side on this machine (see `measure.bench`). Returns (report, table header, rows)."""
+    from .measure import bench as benchmark  # noqa: PLC0415
+
+    report = benchmark.bench(os.fspath(model), target=target, vs_torch=vs_torch, prompt_len=prompt_len,
+                             decode_tokens=decode_tokens, repeats=repeats, workdir=Path(workdir), skip=skip,
+                             log=log)
+    return report, *benchmark.table(report)
+
+
+def demo(model: str, *, workdir: str | os.PathLike, prompt_len: int, max_new_tokens: int, seed: int,
+         target: str = DEFAULT_TARGET) -> dict[str, Any]:
+    """Compile, write random weights, generate with the library and with transformers, print both."""
+    from .measure.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(model, workdir=Path(workdir), prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                    seed=seed, target=target)

@@ -30,18 +30,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .pipeline import LIBRARY, MANIFEST, BuildPlan, read_manifest, sha256_file, write_library
+from .build.library import LIBRARY, MANIFEST, read_manifest, sha256_file
+
+if TYPE_CHECKING:
+    from .build.plan import BuildPlan
 
 FORMAT = 1
 SUMS = "SHA256SUMS"
 KEY_PATTERN = re.compile(r"[0-9a-f]{6,64}")  # a key or prefix as a user types it
 FULL_KEY = re.compile(r"[0-9a-f]{64}")
 TRASH_GRACE_SECONDS = 600  # trash younger than this may be another process's removal in progress
-# Fault injection for the crash tests: pause (as if stuck) right before the publishing rename.
-PAUSE_BEFORE_PUBLISH = "QCOMPILE_TEST_PAUSE_BEFORE_PUBLISH"
 
 
 def home() -> Path:
@@ -146,16 +147,19 @@ class Registry:
             build = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp))
         except OSError as e:
             raise UserError(f"{self.tmp}: cannot write to the registry ({e.strerror})") from None
+        from .build.builder import write_library  # noqa: PLC0415 (the compiler: only when building)
+
         try:
             write_library(plan, build, log=log)
             _write_sums(build)
-            if os.environ.get(PAUSE_BEFORE_PUBLISH):
-                Path(os.environ[PAUSE_BEFORE_PUBLISH]).write_text(str(build))
-                time.sleep(3600)
-            os.chmod(build, 0o755)
-            os.rename(build, self.path(key))  # the commit point
+            self._publish(build, key)
         finally:
             shutil.rmtree(build, ignore_errors=True)
+
+    def _publish(self, build: Path, key: str) -> None:
+        """The commit point: a complete build in tmp/ becomes the entry with one rename."""
+        os.chmod(build, 0o755)
+        os.rename(build, self.path(key))
 
     # -- reading ---------------------------------------------------------------------------------
 

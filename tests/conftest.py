@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import qcompile  # noqa: E402
-from qcompile import targets  # noqa: E402
+from qcompile.spec import target as targets  # noqa: E402
 
 # Float32 logits must agree with transformers to this fraction of the logit scale (from targets/cpu.yaml).
 CPU_TOLERANCE = targets.load_target("cpu").tolerance["float32"]["max_rel_diff"]

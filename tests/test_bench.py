@@ -27,3 +27,16 @@ def test_bench_rejects_a_bad_prompt_length(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qcompile", "bench", "qwen2-debug", "--prompt-len", "4",
                           "--workdir", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "--prompt-len must be in 8.." in out.stderr
+
+
+def test_bench_encoder_vs_torch_on_any_cpu_target(tmp_path):
+    """An encoder against transformers eager, built for a CPU target other than `cpu`."""
+    out = subprocess.run([sys.executable, "-m", "qcompile", "bench", "vit-debug", "--target", "cpu-x86-64-v3",
+                          "--vs", "torch", "--skip", "qcompile-default,torch-compile", "--repeats", "1",
+                          "--workdir", str(tmp_path), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["target"] == "cpu-x86-64-v3" and set(report["engines"]) == {"qcompile-tuned", "torch-eager"}
+    for engine, figures in report["engines"].items():
+        assert "error" not in figures, (engine, figures)
+        assert figures["encode_seconds"] > 0 and figures["encode_fraction_of_limit"] > 0

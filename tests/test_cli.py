@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from qcompile.cli import main
+from qcompile.data import package_data
 
 
 def run_cli(capsys, *argv):
@@ -76,7 +77,7 @@ def test_bad_compile_input(capsys, tmp_path, argv, needle):
 
 
 def test_bad_zoo_field_through_the_cli(capsys, tmp_path, monkeypatch):
-    zoo = yaml.safe_load(open("zoo.yaml"))
+    zoo = yaml.safe_load(open(package_data() / "zoo.yaml"))
     zoo["models"]["qwen2-debug"]["num_key_value_heads"] = 3
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(zoo))
     monkeypatch.setenv("QCOMPILE_ZOO", str(tmp_path / "zoo.yaml"))
@@ -106,7 +107,7 @@ def test_interrupted_build_leaves_nothing_and_keeps_the_old_library(capsys, tmp_
     def interrupt(_path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("qcompile.pipeline.sha256_file", interrupt)
+    monkeypatch.setattr("qcompile.build.library.sha256_file", interrupt)
     code, _, err = run_cli(capsys, "compile", "qwen2-debug", "-o", out, "--max-seq-len", 32)
     assert code == 130 and "interrupted" in err
     assert (out / "manifest.json").read_text() == before

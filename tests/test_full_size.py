@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import qcompile
-from qcompile.zoo import resolve_model
+from qcompile.spec.model import resolve_model
 
 
 def qwen2_parameter_formula(c) -> int:

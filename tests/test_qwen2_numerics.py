@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import qcompile
-from qcompile import reference
+from qcompile.measure import reference
 
 from .conftest import CPU_TOLERANCE, max_rel_diff, write_hf_checkpoint
 

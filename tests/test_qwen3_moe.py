@@ -1,89 +1,19 @@
-"""Qwen3-MoE vs transformers.Qwen3MoeForCausalLM: the router and the sparse block alone, then whole
-models (logits and greedy tokens), checkpoints in both expert layouts, and the full-size compile."""
+"""Qwen3-MoE vs transformers.Qwen3MoeForCausalLM: whole models (logits and greedy tokens), checkpoints in
+both expert layouts, and the full-size compile. The router and the sparse block alone: test_blocks.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 import qcompile
-from qcompile import reference
+from qcompile.data import package_data
+from qcompile.measure import reference
 from qcompile.errors import UserError
-from qcompile.models.layers import SparseMoE
-from qcompile.zoo import resolve_model
+from qcompile.spec.model import resolve_model
 
 from .conftest import CPU_TOLERANCE, max_rel_diff, write_hf_checkpoint
-
-
-def _compile_block(module, spec):
-    import tvm
-    from tvm import relax
-
-    mod, params = module.export_tvm(spec=spec)
-    vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    return vm, [name for name, _ in params]
-
-
-@pytest.fixture(scope="module", params=[True, False], ids=["norm_topk", "no_norm_topk"])
-def block_pair(request):
-    """Our SparseMoE and HF's Qwen3MoeSparseMoeBlock with the same random weights (8 experts, top-3)."""
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    from tvm.relax.frontend import nn
-
-    hidden, ffn, experts, k = 32, 24, 8, 3
-    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=ffn, num_experts=experts,
-                            num_experts_per_tok=k, norm_topk_prob=request.param)
-    torch.manual_seed(0)
-    hf = Qwen3MoeSparseMoeBlock(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.3)
-
-    class Probe(nn.Module):
-        def __init__(self):
-            self.moe = SparseMoE(hidden, ffn, experts, k, request.param, "float32")
-
-        def route(self, x):
-            return self.moe.route(x)
-
-        def forward(self, x):
-            return self.moe(x)
-
-    spec = {m: {"x": nn.spec.Tensor(["n", hidden], "float32"), "$": {"param_mode": "plain"}}
-            for m in ("route", "forward")}
-    vm, names = _compile_block(Probe(), spec)
-    weights = {"moe.gate.weight": hf.gate.weight, "moe.experts.gate_up_proj": hf.experts.gate_up_proj,
-               "moe.experts.down_proj": hf.experts.down_proj}
-    import tvm
-
-    params = [tvm.runtime.tensor(weights[n].detach().numpy()) for n in names]
-    return hf, vm, params
-
-
-def test_router_picks_the_experts_hf_picks(block_pair):
-    hf, vm, params = block_pair
-    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
-    import tvm
-
-    ours_w, ours_e = (t.numpy() for t in vm["route"](tvm.runtime.tensor(x.numpy()), *params))
-    _, hf_w, hf_e = hf.gate(x)
-    np.testing.assert_array_equal(ours_e, hf_e.numpy())  # same experts, same order (by probability)
-    np.testing.assert_allclose(ours_w, hf_w.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-def test_sparse_block_matches_hf(block_pair):
-    hf, vm, params = block_pair
-    import tvm
-
-    for n in (1, 5, 64):  # decode-sized and prefill-sized batches of tokens
-        x = torch.randn(n, 32, generator=torch.Generator().manual_seed(n))
-        ours = vm["forward"](tvm.runtime.tensor(x.numpy()), *params).numpy()
-        expected = hf(x[None])[0].detach().numpy()
-        assert max_rel_diff(ours, expected) <= CPU_TOLERANCE
 
 
 # Config deltas over conftest.TINY_QWEN3_MOE (3 layers, 8 experts, top-2).
@@ -200,9 +130,9 @@ def test_bad_moe_fields_are_named(tmp_path, delta, needle):
     import yaml
 
     entry = {"family": "qwen3_moe", "vocab_size": 64, "num_hidden_layers": 3, "num_experts": 8, **delta}
-    families = yaml.safe_load(open("zoo.yaml"))["families"]
+    families = yaml.safe_load(open(package_data() / "zoo.yaml"))["families"]
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"families": families, "models": {"m": entry}}))
-    from qcompile.zoo import load_zoo
+    from qcompile.spec.model import load_zoo
 
     with pytest.raises(UserError) as info:
         load_zoo(tmp_path / "zoo.yaml")
@@ -211,7 +141,7 @@ def test_bad_moe_fields_are_named(tmp_path, delta, needle):
 
 def test_expert_count_spellings(tmp_path):
     """config.json may spell the expert count num_local_experts (transformers 5.x) or num_experts."""
-    from qcompile.zoo import load_checkpoint_config
+    from qcompile.spec.model import load_checkpoint_config
 
     ckpt = write_hf_checkpoint(tmp_path / "a", family="qwen3_moe", num_experts=6, num_experts_per_tok=2)
     assert '"num_local_experts": 6' in (ckpt / "config.json").read_text()

@@ -90,9 +90,18 @@ def test_parallel_compiles_make_one_entry_and_readers_succeed(home, debug_checkp
     assert len({out for _, (out, _) in outputs}) == 1
 
 
+# A writer that stops (as if stuck) right before the publishing rename, having told `marker` so: the fault is
+# injected here, in the test's own process, not through a hook in the product.
+PAUSED_REGISTER = ("import pathlib, sys, time; from qcompile import registry; "
+                   "registry.Registry._publish = lambda self, build, key: "
+                   "(pathlib.Path(sys.argv[1]).write_text(str(build)), time.sleep(3600)); " + REGISTER)
+
+
 def test_writer_killed_before_publishing_leaves_nothing_loadable(home, tmp_path, debug_checkpoint):
     marker = tmp_path / "paused"
-    writer = _python(REGISTER, home, **{registry.PAUSE_BEFORE_PUBLISH: str(marker)})
+    writer = subprocess.Popen([sys.executable, "-c", PAUSED_REGISTER, str(marker)],
+                              env={**os.environ, "QCOMPILE_HOME": str(home)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not marker.exists() and writer.poll() is None and time.time() < deadline:
         time.sleep(0.1)

@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 
 import qcompile
-from qcompile import api, lowering, pipeline, reference, schedules, tuning
-from qcompile.targets import load_target
-from qcompile.zoo import resolve_model
+from qcompile import api
+from qcompile.build import builder, lowering, schedules
+from qcompile.build import plan as pipeline
+from qcompile.measure import reference
+from qcompile.spec.target import load_target
+from qcompile.spec.model import resolve_model
 from tests.conftest import CPU_TOLERANCE, max_rel_diff
 
 MODEL = "qwen2-debug"
@@ -42,7 +45,9 @@ def test_tuning_writes_metaschedule_database_report_and_curve(tuned):
     for task in report["tasks"]:
         assert 1 <= task["trials"] <= TRIALS  # the default schedule is candidate 0
         assert task["default_seconds"] > 0 and 0 < task["tuned_seconds"] <= task["default_seconds"]
-    assert json.loads((directory / "report.json").read_text())["tasks"] == report["tasks"]
+    written = (directory / "report.json").read_text()
+    assert json.loads(written)["tasks"] == report["tasks"]
+    assert str(directory.parent) not in written  # no paths: it is committed beside its database
     assert (directory / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(t["speedup"] > 1 for t in report["tasks"])
 
@@ -59,9 +64,9 @@ def test_compile_applies_the_database_and_kernels_differ_from_default(tuned, tmp
     import tvm_ffi
 
     plan = pipeline.plan_build(resolve_model(MODEL), load_target("cpu"), schedules=directory)
-    fused = lowering.fused(pipeline.export(plan)[0], plan.tvm_target)
-    with_db = lowering.schedule(fused, plan.tvm_target, plan.schedules.open(), lowering.ScheduleReport())
-    without = lowering.schedule(fused, plan.tvm_target, None, lowering.ScheduleReport())
+    fused = lowering.fused(builder.export(plan)[0], plan.target.tvm)
+    with_db = lowering.schedule(fused, plan.target.tvm, plan.schedules.open(), lowering.ScheduleReport())
+    without = lowering.schedule(fused, plan.target.tvm, None, lowering.ScheduleReport())
     faster = [t["name"] for t in report["tasks"] if t["speedup"] > 1]
     assert faster and all(not tvm_ffi.structural_equal(with_db[n], without[n]) for n in faster)
 
@@ -165,7 +170,7 @@ def test_tuning_measures_through_an_rpc_tracker(tmp_path):
 
 def test_target_intrinsics_registration_is_lazy():
     """Only the target's tensor intrinsics are imported (all of them take ~20 s)."""
-    code = ("import sys; from qcompile import tuning; tuning.register_target_intrinsics('llvm'); "
+    code = ("import sys; from qcompile.tune import tasks; tasks.register_target_intrinsics('cpu'); "
             "import tvm.s_tir.tensor_intrin as t; print(hasattr(t, 'x86'), 'tvm.s_tir.tensor_intrin.cuda' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     assert out.stdout.split() == ["True", "False"]

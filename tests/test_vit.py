@@ -13,7 +13,7 @@ from PIL import Image
 import qcompile
 from qcompile.cli import main
 from qcompile.errors import UserError
-from qcompile.zoo import resolve_model
+from qcompile.spec.model import resolve_model
 
 from .conftest import CPU_TOLERANCE, max_rel_diff
 
@@ -107,7 +107,7 @@ def test_preprocessing_matches_hf_processors(case, image_files):
     """Paths, as HF reads them (load_image: EXIF orientation, RGB), then the case's processor."""
     from transformers.image_utils import load_image
 
-    from qcompile.vision import as_pixel_values
+    from qcompile.run.vision import as_pixel_values
 
     ours, _, _, processor = case
     for path in image_files:
@@ -119,7 +119,7 @@ def test_preprocessing_matches_hf_processors(case, image_files):
 
 def test_pil_images_with_transparency_match_hf(case, image_files):
     """PIL inputs go to the processor as they are: CLIP composites transparency onto white."""
-    from qcompile.vision import as_pixel_values
+    from qcompile.run.vision import as_pixel_values
 
     ours, _, _, processor = case
     if not ours.spec.config.convert_rgb:
@@ -133,7 +133,7 @@ def test_pil_images_with_transparency_match_hf(case, image_files):
 def test_center_crop_pads_small_images_like_hf():
     from transformers.image_transforms import center_crop
 
-    from qcompile.vision import _center_crop
+    from qcompile.run.vision import _center_crop
 
     rng = np.random.default_rng(3)
     for h, w in ((5, 9), (16, 7), (7, 16), (20, 25), (16, 16), (3, 3)):
@@ -177,7 +177,7 @@ def test_init_weights_writes_a_processor_config(tmp_path):
     ckpt = qcompile.init_weights("vit-debug", out=tmp_path / "ck")
     hf = transformers.AutoImageProcessor.from_pretrained(str(ckpt), backend="pil")
     assert (hf.size["height"], list(hf.image_mean)) == (32, [0.5, 0.5, 0.5])
-    from qcompile.zoo import load_checkpoint_config
+    from qcompile.spec.model import load_checkpoint_config
 
     assert load_checkpoint_config(ckpt).config == resolve_model("vit-debug").config
 
@@ -194,7 +194,7 @@ def test_init_weights_writes_a_processor_config(tmp_path):
 def test_bad_preprocessor_config_is_named(tmp_path, content, needle):
     import json as _json
 
-    from qcompile.zoo import load_checkpoint_config
+    from qcompile.spec.model import load_checkpoint_config
 
     ckpt = qcompile.init_weights("vit-debug", out=tmp_path / "ck")
     (ckpt / "preprocessor_config.json").write_text(_json.dumps(content))

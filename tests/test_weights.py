@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import qcompile
-from qcompile import reference
+from qcompile.measure import reference
 from qcompile.errors import UserError
 
 from .conftest import CPU_TOLERANCE, max_rel_diff, write_hf_checkpoint

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from qcompile.errors import UserError
-from qcompile.zoo import load_checkpoint_config, load_zoo, resolve_model, zoo_path
+from qcompile.data import package_data
+from qcompile.spec.model import load_checkpoint_config, load_zoo, resolve_model
 
-FAMILY_DEFAULTS = yaml.safe_load(zoo_path().read_text())["families"]
+FAMILY_DEFAULTS = yaml.safe_load((package_data() / "zoo.yaml").read_text())["families"]
 GOOD = dict(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 

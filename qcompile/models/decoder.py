@@ -14,7 +14,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..errors import UserError
-from ..schema import hf_rope_theta, positive
+from ..spec.schema import hf_rope_theta, positive
 from .layers import F32, CausalSelfAttention, Embedding, RMSNorm
 
 Shapes = dict[str, tuple[int, ...]]

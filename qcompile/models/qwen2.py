@@ -93,7 +93,5 @@ def config_to_hf(cfg: Qwen2Config) -> dict[str, Any]:
             "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}}
 
 
-# Tensor-parallel plan (declared, not applied yet): q/k/v/gate/up column-wise, o/down row-wise.
+# Tensor-parallel plan (shown by `zoo show`; not applied yet): q/k/v/gate/up column-wise, o/down row-wise.
 TENSOR_PARALLEL_PLAN: dict[str, str] = decoder.ATTENTION_TP_PLAN | decoder.DENSE_MLP_TP_PLAN
-# Pipeline stages run embed -> layers -> norm (+ lm_head) in this order.
-PIPELINE_PLAN: tuple[str, ...] = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")

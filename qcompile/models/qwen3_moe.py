@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import UserError
-from ..schema import positive
+from ..spec.schema import positive
 from . import decoder
 from .decoder import CausalLM, DecoderConfig, DecoderLayer, Shapes
 from .layers import SparseMoE, SwiGLU

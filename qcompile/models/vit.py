@@ -22,7 +22,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..errors import UserError
-from ..schema import positive, read_json_object
+from ..spec.schema import positive, read_json_object
 from .decoder import Shapes, parameter_count
 from .layers import F32
 
@@ -125,8 +125,7 @@ HF_MODEL_TYPES: dict[str, dict[str, Any]] = {
                               image_std=CLIP_STD),
 }
 ARCHITECTURE_FIELDS = ("weight_layout", "patch_bias", "use_cls_token", "pre_layernorm", "final_layernorm")
-PREPROCESSOR_FILE = "preprocessor_config.json"
-PREPROCESSOR_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
+PREPROCESSOR_FILE = "preprocessor_config.json"  # parsed and written by qcompile.run.vision
 
 
 def config_from_hf(hf: dict[str, Any], where: str, directory: Path | None = None) -> dict:
@@ -137,86 +136,17 @@ def config_from_hf(hf: dict[str, Any], where: str, directory: Path | None = None
     values |= {k: v for k, v in hf.items() if k in names}
     path = directory / PREPROCESSOR_FILE if directory else None
     if path is not None and path.is_file():
+        from ..run.vision import preprocessing_from_hf  # noqa: PLC0415 (the preprocessing's own module)
+
         values |= preprocessing_from_hf(read_json_object(path, missing=""), values, str(path))
     return values
 
 
-def preprocessing_from_hf(p: dict[str, Any], values: dict[str, Any], where: str) -> dict[str, Any]:
-    """preprocessor_config.json -> preprocessing fields, with HF's semantics and the defaults of the
-    model type's processor (ViTImageProcessor / CLIPImageProcessor) for absent keys."""
-    squares = values["weight_layout"] == "vit"  # HF: an int size is a square for ViT, a short edge for CLIP
+def checkpoint_files(cfg: ViTConfig) -> dict[str, dict[str, Any]]:
+    """The JSON files beside config.json that init-weights writes: the image processor's settings."""
+    from ..run.vision import preprocessor_to_hf  # noqa: PLC0415
 
-    def flag(key: str, default: bool) -> bool:
-        value = p.get(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: field '{key}' must be true or false, got {value!r}")
-        return value
-
-    def square(key: str, value: Any) -> int:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-        if isinstance(value, dict) and value.get("height") == value.get("width") \
-                and isinstance(value.get("height"), int) and value["height"] > 0:
-            return value["height"]
-        raise UserError(f"{where}: field '{key}' must be a positive int or a square "
-                        f"{{height, width}}, got {value!r}")
-
-    out: dict[str, Any] = {"convert_rgb": flag("do_convert_rgb", values["convert_rgb"])}
-    size = p.get("size")
-    if not flag("do_resize", True):
-        out["resize"], out["resize_size"] = "none", None
-    elif isinstance(size, dict) and "shortest_edge" in size or (isinstance(size, int) and not squares):
-        edge = size["shortest_edge"] if isinstance(size, dict) else size
-        if not isinstance(edge, int) or isinstance(edge, bool) or edge <= 0 or set(size if isinstance(
-                size, dict) else ()) - {"shortest_edge"}:
-            raise UserError(f"{where}: field 'size' {size!r}: only a shortest_edge alone is supported")
-        out["resize"], out["resize_size"] = "shortest_edge", edge
-    elif size is not None:
-        out["resize"], out["resize_size"] = "exact", square("size", size)
-    if out.get("resize_size") == values["image_size"]:
-        out["resize_size"] = None  # one spelling: None means image_size
-    if "resample" in p:
-        if not isinstance(p["resample"], int) or p["resample"] not in PREPROCESSOR_RESAMPLE:
-            raise UserError(f"{where}: field 'resample' must be 2 (bilinear) or 3 (bicubic), "
-                            f"got {p['resample']!r}")
-        out["resample"] = PREPROCESSOR_RESAMPLE[p["resample"]]
-    out["center_crop"] = flag("do_center_crop", values["center_crop"])
-    if out["center_crop"] and "crop_size" in p and square("crop_size", p["crop_size"]) != values["image_size"]:
-        raise UserError(f"{where}: crop_size {p['crop_size']!r} differs from the model's image_size "
-                        f"{values['image_size']}")
-    factor = p.get("rescale_factor", 1 / 255)
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
-        raise UserError(f"{where}: field 'rescale_factor' must be a positive number, got {factor!r}")
-    out["rescale_factor"] = float(factor) if flag("do_rescale", True) else None
-    if flag("do_normalize", True):
-        for key in ("image_mean", "image_std"):
-            value = p.get(key, values[key])
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [float(value)] * values["num_channels"]  # HF accepts one value for all channels
-            if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
-                raise UserError(f"{where}: field '{key}' must be a number or a list of numbers, got {value!r}")
-            out[key] = [float(v) for v in value]
-    else:
-        out["image_mean"] = out["image_std"] = None
-    return out
-
-
-def preprocessor_to_hf(cfg: ViTConfig) -> dict[str, Any]:
-    """The preprocessor_config.json of HF's processor class for this layout, with this config's settings."""
-    size = cfg.resize_size or cfg.image_size
-    return {
-        "image_processor_type": {"vit": "ViTImageProcessor", "clip": "CLIPImageProcessor"}[cfg.weight_layout],
-        "do_convert_rgb": cfg.convert_rgb, "do_resize": cfg.resize != "none",
-        "size": {"shortest_edge": size} if cfg.resize == "shortest_edge" else {"height": size, "width": size},
-        "resample": {v: k for k, v in PREPROCESSOR_RESAMPLE.items()}[cfg.resample],
-        "do_center_crop": cfg.center_crop, "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
-        "do_rescale": cfg.rescale_factor is not None, "rescale_factor": cfg.rescale_factor or 1 / 255,
-        "do_normalize": cfg.image_mean is not None,
-        "image_mean": cfg.image_mean or [0.0] * cfg.num_channels,
-        "image_std": cfg.image_std or [1.0] * cfg.num_channels,
-    }
+    return {PREPROCESSOR_FILE: preprocessor_to_hf(cfg)}
 
 
 def config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
@@ -257,12 +187,15 @@ class EncoderBlock(nn.Module):
         b, t, width = x.shape
         h = self.heads
         d = width // h
-        qkv = op.permute_dims(op.reshape(self.qkv(x), (b, t, 3, h, d)), [2, 0, 3, 1, 4])  # [3, b, h, t, d]
-        q, k, v = (op.squeeze(part, 0) for part in op.split(qkv, 3, axis=0))
+        # qkv(x) [b, t, 3*width] -> [b, t, 3, h, d] (q, k, v, each head's d features contiguous, as HF's
+        # fused split) -> [3, b, h, t, d]
+        qkv = op.permute_dims(op.reshape(self.qkv(x), (b, t, 3, h, d)), [2, 0, 3, 1, 4])
+        q, k, v = (op.squeeze(part, 0) for part in op.split(qkv, 3, axis=0))  # each [b, h, t, d]
+        # [b, h, t, d] @ [b, h, d, t] -> scores [b, h, t, t] in float32
         scores = op.matmul(q, op.permute_dims(k, [0, 1, 3, 2]), out_dtype=F32) * (1.0 / math.sqrt(d))
         probs = op.softmax(scores, axis=-1).astype(x.dtype)  # [b, h, t, t]
-        out = op.permute_dims(op.matmul(probs, v), [0, 2, 1, 3])  # [b, t, h, d]
-        return self.out(op.reshape(out, (b, t, width)))
+        out = op.permute_dims(op.matmul(probs, v), [0, 2, 1, 3])  # [b, h, t, d] -> [b, t, h, d]
+        return self.out(op.reshape(out, (b, t, width)))  # heads concatenated: [b, t, h*d = width]
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attention(self.norm1(x))
@@ -286,10 +219,13 @@ class Embeddings(nn.Module):
         width, grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
         patches = op.conv2d(pixels, self.patch_weight, self.patch_bias if cfg.patch_bias else None,
                             stride=cfg.patch_size)  # [b, width, grid, grid]
+        # [b, width, grid, grid] -> [b, width, patches] (row-major patches, as HF's flatten(2)) ->
+        # [b, patches, width]
         tokens = op.permute_dims(op.reshape(patches, (b, width, grid * grid)), [0, 2, 1])
         if cfg.use_cls_token:
-            cls = op.broadcast_to(op.reshape(self.cls, (1, 1, width)), (b, 1, width))
-            tokens = op.concat([cls, tokens], dim=1)
+            cls = op.broadcast_to(op.reshape(self.cls, (1, 1, width)), (b, 1, width))  # [width] -> [b, 1, width]
+            tokens = op.concat([cls, tokens], dim=1)  # [b, 1 + patches, width]
+        # position [positions, width] -> [1, positions, width], broadcast over the batch
         return tokens + op.reshape(self.position, (1, cfg.num_positions, width))
 
 

@@ -1,0 +1,128 @@
+"""A build request checked and resolved for this machine (`BuildPlan`), before any compilation, and the
+identity of what it will build: everything that decides the library's bytes (the registry's key).
+
+Weights stay in the HF checkpoint and are passed at load time, so compiling needs no weight memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import UserError
+from ..spec.model import ModelSpec
+from ..spec.target import ResolvedTarget, TargetSpec, availability, resolve
+from . import devicecode
+from .schedules import Schedules, find_schedules
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def tvm_build_id() -> str:
+    """Which TVM binaries these are: a digest of the sha256s that the wheel's RECORD lists for its
+    shared libraries (the wheel carries no commit hash; this tells apart two builds of one version)."""
+    try:
+        record = importlib.metadata.distribution("apache-tvm").read_text("RECORD") or ""
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed from a wheel)"
+    libraries = sorted(line for line in record.splitlines() if re.search(r"/libtvm[^/]*\.so,", line))
+    return hashlib.sha256("\n".join(libraries).encode()).hexdigest()[:16] if libraries else "unknown"
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 over qcompile's own source files: a code change without a version bump still changes
+    what gets built, so it is part of a build's identity."""
+    package = Path(__file__).resolve().parent.parent  # the qcompile package
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def c_compiler() -> str:
+    """The first line of `cc --version`: export_library links the shared object with it."""
+    try:
+        out = subprocess.run(["cc", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def versions() -> dict[str, str]:
+    import tvm  # noqa: PLC0415
+    import tvm_ffi  # noqa: PLC0415
+
+    return {"tvm": tvm.__version__, "tvm_build": tvm_build_id(), "tvm_ffi": tvm_ffi.__version__,
+            "qcompile": __version__}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """A validated build request, resolved for this machine, before any compilation."""
+
+    spec: ModelSpec
+    target: ResolvedTarget
+    dtype: str
+    max_seq_len: int | None  # decoders only
+    prefill_chunk: int | None
+    schedules: Schedules | None = None  # tuning databases applied (None: default schedules only)
+
+    @property
+    def buckets(self) -> dict[str, Any]:
+        """{"function", "dim", "sizes"}: the static-shape copies ("buckets") of the entry point with a
+        dynamic dimension. Tuned kernels are for static shapes, and the runtime calls
+        `<function>_<size>` when a call's size is a bucket's."""
+        kind = self.spec.kind
+        return {"function": kind.bucketed, "dim": kind.dynamic_dim,
+                "sizes": kind.bucket_sizes(self.target.device, self.prefill_chunk)}
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides the built library's bytes and manifest (not the model's name)."""
+        from tvm.target import codegen  # noqa: PLC0415
+
+        return {"family": self.spec.family.name, "config": self.spec.config.canonical(),
+                "target": self.target.target, "device": self.target.device,
+                "dtype": self.dtype, "max_seq_len": self.max_seq_len, "prefill_chunk": self.prefill_chunk,
+                "versions": versions(), "qcompile_source": source_digest(),
+                "toolchain": {"llvm": int(codegen.llvm_version_major()), "cc": c_compiler(),
+                              **devicecode.toolchain(self.target)},
+                "buckets": self.buckets,
+                "tuning_database": self.schedules.digest if self.schedules else None}
+
+
+def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
+               max_seq_len: int | None = None, schedules: Path | None = None,
+               use_schedules: bool = True) -> BuildPlan:
+    """Check the build options and resolve the target for this machine (UserError on bad input).
+    `schedules`: a tuning database directory (default: the target's committed ones)."""
+    dtype = dtype or target.dtype
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    resolved = resolve(target)
+    if target.device != "cpu":
+        can, why = availability(target)["build"]
+        if not can:
+            raise UserError(f"target '{target.name}' cannot be built on this machine: {why}")
+    found = find_schedules(target.name, schedules, enabled=use_schedules)
+    if not spec.kind.has_sequence:
+        if max_seq_len is not None:
+            raise UserError(f"--max-seq-len applies to decoders; {spec.name} is an {spec.kind.name}")
+        return BuildPlan(spec, resolved, dtype, None, None, found)
+    context = spec.config.max_position_embeddings
+    max_seq_len = context if max_seq_len is None else max_seq_len
+    if not 1 <= max_seq_len <= context:
+        raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
+                        f"got {max_seq_len}")
+    return BuildPlan(spec, resolved, dtype, max_seq_len, prefill_chunk=min(target.prefill_chunk, max_seq_len),
+                     schedules=found)
+
+

@@ -1,0 +1,48 @@
+"""`qcompile bench MODEL [--vs torch]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import api
+from .common import MODEL_HELP, emit_json, non_negative_int, print_table, progress
+
+
+def add(sub) -> None:
+    p = sub.add_parser("bench", help="speed side by side: tuned, default schedules, transformers",
+                       description="One run on this machine: qcompile with the committed schedules, "
+                       "qcompile with default schedules, and (--vs torch) transformers eager and "
+                       "torch.compile, each in its own process on the same checkpoint (MODEL's own "
+                       "weights when it is a checkpoint directory, else random weights). "
+                       "Decoders: prefill latency and decode tokens/s; encoders: encode latency. Each "
+                       "beside its physical limit (bytes / measured read bandwidth for decode, FLOPs / "
+                       "measured matmul peak for prefill). Prints a table, then the JSON.")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--target", default="cpu", help="a CPU target this machine runs (default: cpu)")
+    p.add_argument("--vs", choices=["torch"], help="also run transformers eager and torch.compile")
+    p.add_argument("--prompt-len", type=non_negative_int, default=128, help="prefill tokens (128)")
+    p.add_argument("--decode-tokens", type=non_negative_int, default=32, help="decode steps per run (32)")
+    p.add_argument("--repeats", type=non_negative_int, default=5, help="runs per figure; median (5)")
+    p.add_argument("--skip", metavar="ENGINES",
+                   help="engines to leave out, comma-separated (e.g. qcompile-default: minutes per run)")
+    p.add_argument("--workdir", type=Path, default=Path("build/bench"),
+                   help="random-weight checkpoints are kept here (build/bench)")
+    p.add_argument("--json", action="store_true", help="JSON only")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    report, header, rows = api.bench(args.model, target=args.target, vs_torch=args.vs == "torch",
+                                     prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                                     repeats=args.repeats, workdir=args.workdir, log=progress(args),
+                                     skip=tuple(args.skip.split(",")) if args.skip else ())
+    if args.json:
+        return emit_json(report)
+    machine = report["machine"]
+    print(f"{report['model']} on {report['target']}, batch 1, median of {report['repeats']} runs; "
+          f"{report['tuned_kernels']} tuned kernels (database {report['tuning_database'] or 'none'})")
+    print(f"measured here: read bandwidth {machine['read_bytes_per_s'] / 1e9:.1f} GB/s, float32 matmul "
+          f"peak {machine['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s")
+    print_table(rows, header)
+    print(json.dumps(report))

@@ -1,0 +1,49 @@
+"""`qcompile compile MODEL --target T -o DIR [--register]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import api
+from ..errors import UserError
+from .common import MODEL_HELP, add_build_options, add_json, add_target, emit_json, progress
+
+
+def add(sub) -> None:
+    p = sub.add_parser("compile", help="build MODEL for a target into a library directory")
+    p.add_argument("model", help=MODEL_HELP)
+    add_target(p)
+    p.add_argument("-o", "--output", type=Path,
+                   help="library directory to write (replaced atomically if it is a previous library)")
+    p.add_argument("--register", action="store_true",
+                   help="store the library in the registry ($QCOMPILE_HOME, default ~/.cache/qcompile); "
+                        "an identical build already there is reused")
+    add_build_options(p)
+    p.add_argument("--schedules", type=Path, metavar="DIR",
+                   help="tuning database directory to apply (default: every one committed for TARGET, "
+                        "and those under $QCOMPILE_SCHEDULES/TARGET/)")
+    p.add_argument("--no-schedules", action="store_true", help="default schedules only (no tuning database)")
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    if args.output is None and not args.register:
+        raise UserError("compile: give -o DIR, --register, or both")
+    options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=progress(args),
+                   schedules=args.schedules, use_schedules=not args.no_schedules)
+    if args.register:
+        entry, built = api.register_model(args.model, copy_to=args.output, **options)
+        manifest = entry.manifest
+        where = f"{'new' if built else 'existing'} registry entry {entry.key[:12]} ({entry.path})"
+    else:
+        manifest, where = api.compile_model(args.model, out=args.output, **options), str(args.output)
+    if args.json:
+        return emit_json({"output": str(args.output) if args.output else None,
+                          "registry_key": entry.key if args.register else None,
+                          **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
+                                                      "parameter_count", "library", "build")}})
+    built_note = f"built in {manifest['build']['seconds']} s" if not args.register or built else "reused"
+    print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
+          f"{manifest['dtype']}, {built_note}): {where}"
+          + (f", copied to {args.output}" if args.register and args.output else ""))

@@ -1,0 +1,122 @@
+"""`qcompile run LIBRARY|MODEL --weights CKPT`: greedy generation (decoders) or image features (encoders)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .. import api
+from ..atomic import save_npy
+from ..errors import UserError
+from .common import add_build_options, emit_json, non_negative_int
+
+# Every kind's inputs and outputs, as flags; which ones a kind takes is `Kind.run_flags`.
+FLAGS = {"--prompt-ids": "prompt_ids", "--logits-out": "logits_out", "--eos-id": "eos_id",
+         "--image": "image", "--features-out": "features_out"}
+
+
+def add(sub) -> None:
+    p = sub.add_parser("run", help="generate greedily (decoders) or encode images (encoders) with a library")
+    p.add_argument("library", type=Path, metavar="LIBRARY|MODEL",
+                   help="a library directory, or a MODEL whose registry entry (for --target and the "
+                        "build options below, as given to compile --register) is loaded")
+    p.add_argument("--target", default="cpu", help="with a MODEL: the target it was built for (cpu)")
+    add_build_options(p, dtype_help="with a MODEL: its build dtype", seq_help="with a MODEL: its --max-seq-len")
+    p.add_argument("--weights", type=Path, required=True, help="HF checkpoint directory")
+    p.add_argument("--prompt-ids", help='decoders: prompt token ids, e.g. "3 14 15"')
+    p.add_argument("--image", type=Path, action="append",
+                   help="encoders: an image file (repeat for a batch); preprocessed as the model's HF "
+                        "image processor does")
+    p.add_argument("--features-out", type=Path,
+                   help="encoders: save last_hidden_state, float32 [images, tokens, width], as .npy")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=16, help="tokens to generate (16)")
+    p.add_argument("--eos-id", type=non_negative_int, help="stop after generating this token id")
+    p.add_argument("--logits-out", type=Path, help="save the prompt's logits, float32 [prompt_len, vocab]")
+    p.add_argument("--json", action="store_true",
+                   help="decoders: print {prompt_ids, generated_ids, prefill_seconds, decode_tokens_per_s}; "
+                        "encoders: {images, shape, encode_seconds, images_per_s, cls_features_head}")
+    p.set_defaults(func=run)
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """'3 14 15' or '3,14,15' -> [3, 14, 15]; a non-numeric entry is a UserError naming it."""
+    ids = []
+    for item in text.replace(",", " ").split():
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise UserError(f"--prompt-ids: {item!r} is not a token id (integers separated by spaces)") from None
+    if not ids:
+        raise UserError("--prompt-ids: no token ids given")
+    return ids
+
+
+def _check_output_file(path: Path | None, flag: str) -> None:
+    """An output file's place is checked before any work, so a typo does not waste a run."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{flag}: {path}: is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag}: directory {path.parent} does not exist")
+
+
+def run(args) -> None:
+    spec, library = api.describe_runnable(args.library)
+    kind = spec.kind
+    given = {flag for flag, attr in FLAGS.items() if getattr(args, attr) is not None}
+    required, *_ = kind.run_flags
+    if required not in given:
+        raise UserError(f"run: {required} is needed for this {kind.name}")
+    unwanted = sorted(given - set(kind.run_flags))
+    if unwanted:
+        raise UserError(f"run: {unwanted[0]} does not apply to this {kind.name}")
+
+    def load():
+        if library is not None:
+            return api.load(library, weights=args.weights)
+        return api.load(weights=args.weights, model=spec, target=args.target, dtype=args.dtype,
+                        max_seq_len=args.max_seq_len)
+
+    RUNNERS[kind.name](args, spec, load)
+
+
+def run_decoder(args, spec, load) -> None:
+    prompt = parse_token_ids(args.prompt_ids)
+    _check_output_file(args.logits_out, "--logits-out")
+    model = load()
+    new = model.generate(prompt, args.max_new_tokens, eos_token_id=args.eos_id)
+    stats = model.last_stats
+    if args.logits_out is not None:
+        save_npy(args.logits_out, model.last_prompt_logits)
+    result = {"prompt_ids": prompt, "generated_ids": new.tolist(),
+              "prefill_seconds": stats.prefill_seconds, "decode_tokens_per_s": stats.decode_tokens_per_s}
+    if args.json:
+        return emit_json(result)
+    print("generated:", " ".join(map(str, result["generated_ids"])))
+    rate = stats.decode_tokens_per_s
+    print(f"prefill {len(prompt)} tokens: {stats.prefill_seconds * 1e3:.1f} ms; decode: "
+          + (f"{rate:.1f} tokens/s" if rate else "n/a (fewer than 2 new tokens)"))
+
+
+def run_encoder(args, spec, load) -> None:
+    _check_output_file(args.features_out, "--features-out")
+    pixels = api.pixel_values(args.image, spec)  # every image is read and checked before the weights
+    model = load()
+    start = time.perf_counter()
+    features = model.encode(pixels)
+    seconds = time.perf_counter() - start
+    if args.features_out is not None:
+        save_npy(args.features_out, features)
+    result = {"images": [str(p) for p in args.image], "shape": list(features.shape),
+              "encode_seconds": seconds, "images_per_s": len(args.image) / seconds,
+              "cls_features_head": features[:, 0, :4].round(5).tolist()}
+    if args.json:
+        return emit_json(result)
+    print(f"last_hidden_state {result['shape']} for {len(args.image)} image(s) in {seconds * 1e3:.1f} ms "
+          f"({result['images_per_s']:.1f} images/s)" + (f"; saved to {args.features_out}"
+                                                       if args.features_out else ""))
+
+
+# What `run` does and prints per kind (the output of a decoder and an encoder differ in kind, not detail).
+RUNNERS = {"decoder": run_decoder, "encoder": run_encoder}

@@ -1,0 +1,262 @@
+"""`qcompile bench`: one run, side by side on this machine, with the physical limit beside each result.
+
+Engines (each measured in its own child process, one after another, so each peak RSS is its own and no
+two share the cores): qcompile with the committed tuning database, qcompile with default schedules,
+and with `--vs torch` transformers eager and torch.compile (when it compiles). All run the same random-
+weight HF checkpoint, batch 1.
+
+Decoders: prefill latency for a prompt of `--prompt-len` tokens, and decode tokens/s (median over
+`--repeats` runs of `--decode-tokens` steps). Encoders: images/s at batch 1.
+Limits, measured here: decode reads every weight a token uses once, so tokens/s <= read bandwidth /
+weight bytes per token; prefill and encode do 2 FLOPs per weight per token (+ attention), so
+seconds >= FLOPs / matmul peak. Each result is reported as a fraction of its limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import api
+from ..errors import UserError
+from ..models.kinds import DECODER
+from ..spec.model import ModelSpec, resolve_model
+from ..spec.target import availability, load_target
+
+ENGINES = ("qcompile-tuned", "qcompile-default")
+TORCH_ENGINES = ("torch-eager", "torch-compile")
+ENGINE_TIMEOUT = 900  # seconds per engine (torch.compile's first compile is the slow one)
+
+
+# --- physical limits ---------------------------------------------------------------------------------
+
+def measure_machine() -> dict[str, float]:
+    """Read bandwidth (bytes/s, summing a 1 GiB float32 array on all cores) and float32 matmul peak
+    (FLOP/s, 2048^3), each the best of 5, with torch (multithreaded, MKL)."""
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    big = torch.ones(1 << 28, dtype=torch.float32)
+    big.sum()
+    reads = []
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        reads.append(big.numel() * 4 / (time.perf_counter() - start))
+    a = torch.randn(2048, 2048)
+    a @ a
+    flops = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        flops.append(2 * 2048 ** 3 / (time.perf_counter() - start))
+    return {"read_bytes_per_s": max(reads), "matmul_flop_per_s": max(flops)}
+
+
+# --- one engine, in a child process ---------------------------------------------------------------
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_engine(engine: str, *, library: str | None, checkpoint: str, prompt_len: int, decode_tokens: int,
+               repeats: int) -> dict[str, Any]:
+    """Measure one engine in this process; returns its figures."""
+    rng = np.random.default_rng(0)
+    spec = resolve_model(checkpoint)
+    if engine.startswith("qcompile"):
+        model = api.load(library, weights=checkpoint)
+        run = _qcompile_calls(model)
+    else:
+        run = _torch_calls(engine, Path(checkpoint), spec)
+    if not spec.kind.has_sequence:
+        pixels = spec.kind.random_inputs(spec, rng, 1)
+        run.encode(pixels)  # warm
+        return {"encode_seconds": _median_seconds(lambda: run.encode(pixels), repeats)}
+    prompt = spec.kind.random_inputs(spec, rng, prompt_len)
+    run.prefill(prompt)  # warm
+    prefill = _median_seconds(lambda: run.prefill(prompt), repeats)
+
+    def decode_run() -> float:
+        run.prefill(prompt[:8])  # not timed: only the decode steps are
+        start = time.perf_counter()
+        for token in range(decode_tokens):
+            run.decode(token)
+        return time.perf_counter() - start
+    decode_run()  # warm (torch.compile specialises on the first decode shapes)
+    return {"prefill_seconds": prefill,
+            "decode_tokens_per_s": decode_tokens / statistics.median(decode_run() for _ in range(repeats))}
+
+
+class _qcompile_calls:
+    """The calls an engine is timed on, for a loaded qcompile library."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, pixels):
+        return self.model.encode(pixels)
+
+    def prefill(self, ids):
+        return self.model.prefill(ids)
+
+    def decode(self, token):
+        return self.model.decode(token)
+
+
+class _torch_calls:
+    """The same calls for transformers (eager, or torch.compile'd), keeping the KV cache between them."""
+
+    def __init__(self, engine: str, checkpoint: Path, spec: ModelSpec):
+        import torch  # noqa: PLC0415
+
+        from . import reference  # noqa: PLC0415
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_grad_enabled(False)
+        self.torch = torch
+        self.model = (reference.load_causal_lm(checkpoint) if spec.kind.has_sequence
+                      else reference.load_vision_model(checkpoint))
+        if engine == "torch-compile":
+            self.model.forward = torch.compile(self.model.forward, dynamic=True)
+        self.past = None
+
+    def encode(self, pixels):
+        return self.model(pixel_values=self.torch.tensor(pixels))
+
+    def prefill(self, ids):
+        out = self.model(self.torch.tensor(np.asarray(ids, np.int64)[None]), use_cache=True)
+        self.past = out.past_key_values
+        return out
+
+    def decode(self, token):
+        out = self.model(self.torch.tensor([[token]]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out
+
+
+def _child(engine: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run one engine in a fresh Python: its figures (with its own peak RSS), or its error."""
+    command = [sys.executable, "-m", "qcompile.measure.bench", engine, json.dumps(args)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=ENGINE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {ENGINE_TIMEOUT} s"}
+    if done.returncode != 0:
+        return {"error": ((done.stderr.strip().splitlines() or ["no output"])[-1])[:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the whole comparison ---------------------------------------------------------------------------
+
+def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len: int = 128,
+          decode_tokens: int = 32, repeats: int = 5, workdir: Path = Path("build/bench"),
+          skip: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+    """Build both libraries (registry: reused when unchanged), write random weights once, measure."""
+    spec = resolve_model(model)
+    if repeats < 1 or decode_tokens < 1:
+        raise UserError("--repeats and --decode-tokens must be >= 1")
+    if spec.kind.has_sequence and not 8 <= prompt_len <= spec.config.max_position_embeddings - decode_tokens - 8:
+        raise UserError(f"--prompt-len must be in 8..{spec.config.max_position_embeddings - decode_tokens - 8} "
+                        f"for {spec.name}")
+    target_spec = load_target(target)
+    runs, why = availability(target_spec)["run"]
+    if target_spec.device != "cpu" or not runs:
+        raise UserError(f"bench runs its engines on this machine; target '{target}' does not run here ({why})")
+    kind = spec.kind.name
+    if spec.checkpoint is not None and any(spec.checkpoint.glob("*.safetensors")):
+        checkpoint = spec.checkpoint  # MODEL was a checkpoint directory: its own weights
+    else:
+        checkpoint = Path(workdir) / Path(spec.name).name / "checkpoint"
+        if not (checkpoint / "config.json").is_file():
+            log(f"writing random weights for {spec.name} to {checkpoint}")
+            api.init_weights(model, out=checkpoint)
+    libraries = {}
+    for engine, use in (("qcompile-tuned", True), ("qcompile-default", False)):
+        log(f"building {engine} (registry; reused when unchanged)")
+        entry, _ = api.register_model(model, target=target, use_schedules=use, log=lambda _m: None)
+        libraries[engine] = entry
+    tuned_db = libraries["qcompile-tuned"].manifest.get("tuning_database")
+    log("measuring read bandwidth and matmul peak")
+    machine = measure_machine()
+    args = {"checkpoint": str(checkpoint), "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens, "repeats": repeats}
+    results = {}
+    engines = [e for e in ENGINES + (TORCH_ENGINES if vs_torch else ()) if e not in skip]
+    if set(skip) - set(ENGINES + TORCH_ENGINES):
+        raise UserError(f"--skip: unknown engine(s) {sorted(set(skip) - set(ENGINES + TORCH_ENGINES))}")
+    for engine in engines:
+        log(f"running {engine}")
+        library = str(libraries[engine].path) if engine in libraries else None
+        results[engine] = _child(engine, {**args, "library": library})
+    limits = _limits(spec, kind, prompt_len, machine)
+    for figures in results.values():
+        _add_fractions(figures, limits)
+    return {"model": spec.name, "target": target, "kind": kind, "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens, "repeats": repeats, "machine": machine, "limits": limits,
+            "tuning_database": tuned_db["sha256"] if tuned_db else None,
+            "tuned_kernels": len(tuned_db["kernels"]["tuned"]) if tuned_db else 0, "engines": results}
+
+
+def _limits(spec, kind, prompt_len, machine) -> dict[str, float]:
+    costs = spec.kind.costs(spec, prompt_len)
+    if not spec.kind.has_sequence:
+        return {"encode_seconds": costs["encode_flops"] / machine["matmul_flop_per_s"], **costs}
+    return {"decode_tokens_per_s": machine["read_bytes_per_s"] / costs["decode_weight_bytes"],
+            "prefill_seconds": costs["prefill_flops"] / machine["matmul_flop_per_s"], **costs}
+
+
+def _add_fractions(figures: dict[str, Any], limits: dict[str, float]) -> None:
+    if "decode_tokens_per_s" in figures:
+        figures["decode_fraction_of_limit"] = figures["decode_tokens_per_s"] / limits["decode_tokens_per_s"]
+    for key in ("prefill_seconds", "encode_seconds"):
+        if key in figures:
+            figures[key.replace("seconds", "fraction_of_limit")] = limits[key] / figures[key]
+
+
+def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    limits = report["limits"]
+    if report["kind"] != DECODER.name:
+        header = ["ENGINE", "ENCODE ms", "OF LIMIT", "PEAK RSS MB"]
+        rows = [[e, f"{f['encode_seconds'] * 1e3:.1f}", f"{f['encode_fraction_of_limit']:.0%}",
+                 _mb(f)] if "error" not in f else [e, f["error"], "", ""] for e, f in report["engines"].items()]
+        rows.append(["limit (FLOPs / matmul peak)", f"{limits['encode_seconds'] * 1e3:.1f}", "100%", ""])
+        return header, rows
+    header = ["ENGINE", f"PREFILL {report['prompt_len']} ms", "OF LIMIT", "DECODE tok/s", "OF LIMIT",
+              "PEAK RSS MB"]
+    rows = []
+    for engine, f in report["engines"].items():
+        if "error" in f:
+            rows.append([engine, f"failed: {f['error']}", "", "", "", ""])
+            continue
+        rows.append([engine, f"{f['prefill_seconds'] * 1e3:.0f}", f"{f['prefill_fraction_of_limit']:.0%}",
+                     f"{f['decode_tokens_per_s']:.2f}", f"{f['decode_fraction_of_limit']:.0%}", _mb(f)])
+    rows.append(["limit", f"{limits['prefill_seconds'] * 1e3:.0f}", "FLOPs/peak",
+                 f"{limits['decode_tokens_per_s']:.2f}", "bytes/bandwidth", ""])
+    return header, rows
+
+
+def _mb(figures: dict[str, Any]) -> str:
+    return f"{figures['peak_rss_bytes'] / 2 ** 20:.0f}" if figures.get("peak_rss_bytes") else "-"
+
+
+if __name__ == "__main__":  # the child process of `_child`
+    engine_name, engine_args = sys.argv[1], json.loads(sys.argv[2])
+    figures = run_engine(engine_name, **engine_args)
+    # VmHWM: this process's peak resident set (ru_maxrss would carry the parent's over execve)
+    status = Path("/proc/self/status").read_text()
+    figures["peak_rss_bytes"] = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    print(json.dumps(figures))

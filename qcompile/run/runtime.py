@@ -1,0 +1,230 @@
+"""Load a built library with HF weights and run it: prefill, decode, greedy generate.
+
+The library is verified before its shared object is opened: sha256 against the manifest, the TVM
+version it was built with, and that this machine has the device it was built for (CPU: every
+instruction-set feature the build assumed; GPU: a device of that kind and arch, and a TVM runtime that
+can load its code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..build.library import read_manifest
+from ..errors import UserError
+from ..spec.model import ModelSpec, load_checkpoint_config
+from ..spec.target import gpu_present, host_cpu_features
+from .weights import load_parameters
+
+
+def verify_library(directory: Path, manifest: dict[str, Any], private_dir: Path) -> Path:
+    """Refuse a library that was altered, or built for another TVM or CPU. Returns a private copy of the
+    .so, hashed as it was copied, so the bytes checked are the bytes loaded (no swap in between)."""
+    import tvm  # noqa: PLC0415
+
+    library = Path(directory) / manifest["library"]["file"]
+    built_with = manifest["versions"]["tvm"]
+    if built_with != tvm.__version__:
+        raise UserError(f"{directory}: built with TVM {built_with}, this runtime is TVM {tvm.__version__}")
+    target = manifest["target"]
+    if target["device"] == "cpu":
+        missing = sorted(set(target.get("cpu_features", ())) - host_cpu_features())
+        if missing:
+            raise UserError(f"{directory}: built for CPU {target['target'].get('mcpu')}; this CPU lacks "
+                            f"{', '.join(missing[:5])}")
+    else:
+        present, why = gpu_present(target["device"], target["arch"])
+        if not present:
+            raise UserError(f"{directory}: built for {target['device']} {target['arch']}; {why}")
+    copy, digest = private_dir / "model.so", hashlib.sha256()
+    try:
+        with open(library, "rb") as src, open(copy, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                dst.write(block)
+    except FileNotFoundError:
+        raise UserError(f"{library}: library file missing") from None
+    if digest.hexdigest() != manifest["library"]["sha256"]:
+        raise UserError(f"{library}: sha256 {digest.hexdigest()[:12]}… does not match the manifest's "
+                        f"{manifest['library']['sha256'][:12]}…; refusing to load")
+    return copy
+
+
+def _check_checkpoint_matches(spec: ModelSpec, weights: Path) -> None:
+    """A checkpoint's config.json must describe the library's model (else numbers would be wrong)."""
+    if not (Path(weights) / "config.json").is_file():
+        return  # bare safetensors: tensor names and shapes are still checked on load
+    theirs = load_checkpoint_config(weights).config.canonical()
+    runtime_only = getattr(spec.config, "PREPROCESSING_FIELDS", ())  # the library's settings win
+    for key, value in spec.config.canonical().items():
+        if key not in runtime_only and theirs.get(key) != value:
+            raise UserError(f"{weights}: checkpoint's {key} is {theirs.get(key)!r}, "
+                            f"the library was built with {value!r}")
+
+
+@dataclasses.dataclass
+class GenerateStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        steps = self.new_tokens - 1  # the first new token comes from the prefill's logits
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+
+class Library:
+    """A verified library loaded with an HF checkpoint's weights (what Decoder and Encoder share)."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
+        import tvm  # noqa: PLC0415
+        from tvm import relax  # noqa: PLC0415
+
+        self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
+        self.manifest = manifest
+        self.spec = ModelSpec.from_manifest(manifest)
+        params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
+        self.device = tvm.device(manifest["target"]["device"], 0)
+        with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:
+            library = verify_library(directory, manifest, Path(private))  # before reading any weight
+            _check_checkpoint_matches(self.spec, weights)
+            arrays = load_parameters(self.spec, weights, params)
+            self._params = [tvm.runtime.tensor(a, self.device) for a in arrays]
+            module = tvm.runtime.load_module(str(library))  # mapped: the copy may go once loaded
+        self._vm = relax.VirtualMachine(module, self.device)
+        self._tensor = tvm.runtime.tensor
+        buckets = manifest["buckets"]
+        self._bucketed, self._bucket_sizes = buckets["function"], set(buckets["sizes"])
+        self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
+
+    def _function(self, name: str, size: int) -> Any:
+        """The VM function for a call of `name` whose dynamic dimension is `size`: its static copy
+        (tuned kernels) when one was built for that size, else the symbolic-shape function."""
+        if name == self._bucketed and size in self._bucket_sizes:
+            name = f"{name}_{size}"
+        return self._vm[name]
+
+    def close(self) -> None:
+        """Release the registry entry (if loaded from one) so gc may evict it."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self):
+        self.close()
+
+
+class Decoder(Library):
+    """A decoder library loaded with weights. One sequence at a time (batch 1).
+
+    prefill(ids) starts a new sequence and returns float32 logits [len(ids), vocab];
+    decode(token) appends one token and returns logits [vocab];
+    generate(ids, max_new_tokens) runs greedy decoding and returns the new token ids.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
+        super().__init__(directory, manifest, weights, lock_fd)
+        cfg = self.spec.config
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = manifest["max_seq_len"]
+        self.prefill_chunk = manifest["prefill_chunk"]
+        entry = (cfg.num_key_value_heads, cfg.resolved_head_dim)
+        self._empty_cache = [np.zeros((0, *entry), manifest["dtype"])] * (2 * cfg.num_hidden_layers)
+        self._cache: Any = None
+        self.position = 0  # tokens in the current sequence
+        self.last_stats: GenerateStats | None = None  # of the last generate()
+        self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
+        self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
+
+    def _check_ids(self, ids: Any, what: str) -> np.ndarray:
+        array = np.asarray(ids)
+        if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+            raise UserError(f"{what}: expected a non-empty 1-D sequence of integer token ids")
+        bad = array[(array < 0) | (array >= self.vocab_size)]
+        if bad.size:
+            raise UserError(f"{what}: token id {int(bad[0])} is out of range 0..{self.vocab_size - 1}")
+        if self.position + array.size > self.max_seq_len:
+            raise UserError(f"{what}: sequence would reach {self.position + array.size} tokens, "
+                            f"the library's max_seq_len is {self.max_seq_len}")
+        return array.astype(np.int32)
+
+    def _run(self, function: str, ids: np.ndarray) -> np.ndarray:
+        logits, self._cache = self._function(function, ids.size)(self._tensor(ids, self.device), self._cache,
+                                                                 self._params)
+        self.position += ids.size
+        return logits.numpy()
+
+    def prefill(self, ids: Any) -> np.ndarray:
+        """Start a new sequence with `ids`; float32 logits [len(ids), vocab]."""
+        self.position = 0
+        ids = self._check_ids(ids, "prompt")
+        self._cache = [self._tensor(c, self.device) for c in self._empty_cache]
+        chunks = [ids[i:i + self.prefill_chunk] for i in range(0, ids.size, self.prefill_chunk)]
+        return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token to the current sequence; float32 logits [vocab] for the next position."""
+        if self._cache is None:
+            raise UserError("decode: no sequence started; call prefill first")
+        return self._run("decode", self._check_ids([token], "decode token"))[0]
+
+    def generate(self, ids: Any, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding: the new token ids (at most `max_new_tokens`, stopping after eos)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        prompt = self._check_ids(ids, "prompt")
+        if prompt.size + max_new_tokens > self.max_seq_len:
+            raise UserError(f"prompt ({prompt.size}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"library's max_seq_len {self.max_seq_len}")
+        start = time.perf_counter()
+        self.last_prompt_logits = self.prefill(prompt)
+        prefill_seconds = time.perf_counter() - start
+        logits = self.last_prompt_logits[-1]
+        new: list[int] = []
+        steps: list[np.ndarray] = []
+        start = time.perf_counter()
+        while len(new) < max_new_tokens:
+            if new:
+                logits = self.decode(new[-1])
+            steps.append(logits)
+            new.append(int(np.argmax(logits)))
+            if new[-1] == eos_token_id:
+                break
+        self.last_stats = GenerateStats(prompt.size, len(new), prefill_seconds,
+                                        time.perf_counter() - start)
+        self.last_step_logits = np.stack(steps) if steps else np.zeros((0, self.vocab_size), np.float32)
+        return np.array(new, dtype=np.int64)
+
+
+class Encoder(Library):
+    """An image encoder library loaded with weights.
+
+    encode(images) -> float32 last_hidden_state [batch, tokens, width]; `images` is a float32 array
+    [batch, channels, size, size] already preprocessed, or image paths / PIL images (preprocessed here
+    as the model's HF image processor would).
+    """
+
+    def encode(self, images: Any) -> np.ndarray:
+        from .vision import as_pixel_values  # noqa: PLC0415 (Pillow is needed only here)
+
+        pixels = as_pixel_values(images, self.spec.config)
+        return self._function("encode", len(pixels))(self._tensor(pixels, self.device), self._params).numpy()
+
+
+def load(directory: str | Path, *, weights: str | Path, lock_fd: int | None = None) -> Decoder | Encoder:
+    """Open a library directory (verified) with an HF checkpoint's weights. `lock_fd`, if given, is a
+    registry lock the model holds until `close()`."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    runtime = ModelSpec.from_manifest(manifest).kind.runtime_class()
+    return runtime(directory, manifest, Path(weights), lock_fd)

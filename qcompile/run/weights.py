@@ -1,0 +1,161 @@
+"""HF safetensors checkpoints <-> the library's parameters. No pickle anywhere.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or shards listed in
+`model.safetensors.index.json` (`weight_map`: tensor -> file). The family's `weight_map` says which HF
+tensors fill each library parameter (fused ones are concatenated along axis 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 checkpoints read)
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from ..atomic import atomic_dir, write_json
+from ..errors import UserError
+from ..spec.model import ModelSpec
+from ..spec.schema import read_json_object
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Marks a checkpoint of random weights, which init-weights may overwrite (and nothing else).
+RANDOM_MARKER = ".qcompile-random-weights"
+# Buffers some older checkpoints carry that are recomputed, not loaded.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file that holds it."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        mapping = read_json_object(index, missing=f"{index}: missing").get("weight_map")
+        if not isinstance(mapping, dict):
+            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object)")
+        files = {name: directory / file for name, file in mapping.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise UserError(f"{file}: shard listed in {INDEX_FILE} is missing")
+        return files
+    single = directory / SINGLE_FILE
+    if not single.is_file():
+        raise UserError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (not a checkpoint)")
+    try:
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{single}: unreadable safetensors file ({e})") from None
+
+
+def load_parameters(spec: ModelSpec, directory: Path,
+                    params: Iterable[tuple[str, list[int], str]]) -> list[np.ndarray]:
+    """The library's parameters (name, shape, dtype), in order, filled from an HF checkpoint.
+
+    Every checkpoint tensor must be used and have its HF shape; errors name the tensor. A fused tensor
+    the family declares (`checkpoint_views`) stands for the HF tensors it contains.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: checkpoint directory not found")
+    files = _tensor_files(directory)
+    # Our name -> the name in the file: older spellings carry a prefix today's names lack.
+    on_disk = {}
+    for name in files:
+        prefix = next((p for p in spec.family.checkpoint_prefixes if name.startswith(p)), "")
+        on_disk[name[len(prefix):]] = name
+    files = {ours: files[theirs] for ours, theirs in on_disk.items()}
+    expected = spec.family.hf_tensors(spec.config)
+    views = spec.family.checkpoint_views(spec.config)
+    unexpected = [n for n in files if n not in expected and n not in views
+                  and not n.endswith(IGNORED_SUFFIXES)]
+    if unexpected:
+        raise UserError(f"{directory}: unexpected tensor '{unexpected[0]}' for model {spec.name}")
+    # HF tensor -> (stored tensor, index into it or None)
+    sources = {name: (name, None) for name in files}
+    for fused in (v for v in views if v in files):
+        sources |= {name: (fused, index) for name, index in views[fused].items()}
+    handles: dict[Path, object] = {}
+    last_read: dict[str, np.ndarray] = {}  # one stored tensor: a fused one is sliced many times
+
+    def stored(name: str) -> np.ndarray:
+        if name not in last_read:
+            path = files[name]
+            try:
+                if path not in handles:
+                    handles[path] = safe_open(path, framework="numpy")
+                last_read.clear()
+                last_read[name] = handles[path].get_tensor(on_disk[name])
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
+        return last_read[name]
+
+    def read(name: str) -> np.ndarray:
+        if name not in sources:
+            raise UserError(f"{directory}: missing tensor '{name}'")
+        stored_name, index = sources[name]
+        array = stored(stored_name) if index is None else stored(stored_name)[index]
+        if tuple(array.shape) != tuple(expected[name]):
+            within = "" if index is None else f" (from '{stored_name}')"
+            raise UserError(f"{files[stored_name]}: tensor '{name}'{within} has shape {list(array.shape)}, "
+                            f"expected {list(expected[name])}")
+        return array
+
+    def assemble(recipe: list) -> np.ndarray:
+        """A list of names: concatenated along axis 0; a list of lists: stacked along a new axis 0."""
+        if isinstance(recipe[0], list):
+            return np.stack([assemble(part) for part in recipe])
+        parts = [read(n) for n in recipe]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    mapping = spec.family.weight_map(spec.config)
+    out = []
+    for name, shape, dtype in params:
+        array = assemble(mapping[name])
+        if array.shape != tuple(shape) and array.squeeze().shape == tuple(d for d in shape if d != 1):
+            array = array.reshape(shape)  # unit axes differ only: HF's [1, 1, width] cls token, say
+        assert list(array.shape) == list(shape), (name, array.shape, shape)  # a family bug, not input
+        out.append(np.ascontiguousarray(array.astype(dtype, copy=False)))
+    return out
+
+
+def random_tensors(spec: ModelSpec, *, seed: int, std: float) -> Iterable[tuple[str, np.ndarray]]:
+    """Random float32 weights in HF layout: N(0, std) matrices and biases; norm weights 1 + N(0, std).
+
+    A std above HF's 0.02 keeps greedy decoding of tiny random models from repeating one token.
+    """
+    rng = np.random.default_rng(seed)
+    for name, shape in spec.family.hf_tensors(spec.config).items():
+        noise = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        yield name, (noise + 1.0 if "norm" in name else noise)
+
+
+def write_random_checkpoint(spec: ModelSpec, out: Path, *, seed: int = 0, std: float = 0.15,
+                            max_shard_bytes: int = 2 << 30) -> Path:
+    """Write config.json + random safetensors (sharded above `max_shard_bytes`) to `out`, atomically."""
+    with atomic_dir(Path(out), replaceable=lambda d: (d / RANDOM_MARKER).is_file()) as tmp:
+        (tmp / RANDOM_MARKER).write_text("random weights written by `qcompile init-weights`\n")
+        write_json(tmp / "config.json", spec.family.config_to_hf(spec.config))
+        for name, content in spec.family.checkpoint_files(spec.config).items():
+            write_json(tmp / name, content)
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name, array in random_tensors(spec, seed=seed, std=std):
+            if shards[-1] and size + array.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = array
+            size += array.nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map |= {name: file for name in shard}
+            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(
+                a.nbytes for s in shards for a in s.values())}, "weight_map": weight_map})
+    return Path(out)
