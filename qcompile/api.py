@@ -140,6 +140,36 @@ def pixel_values(images: Any, spec: ModelSpec):
     return as_pixel_values(images, spec.config)
 
 
+def serve(library: str | os.PathLike, *, weights: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
+          queue_size: int = 16, model_name: str | None = None, log: Log = print) -> None:
+    """Serve a decoder LIBRARY with the HF checkpoint WEIGHTS (which holds its tokenizer files) over an
+    OpenAI-compatible HTTP API on HOST:PORT (port 0: any free port) until interrupted. One sequence runs
+    at a time; at most QUEUE_SIZE requests wait, more are refused with 429. MODEL_NAME: the id clients
+    use (default: the library's model name)."""
+    from .run import runtime  # noqa: PLC0415
+    from .run.tokenizer import Tokenizer  # noqa: PLC0415
+    from .serve import app, server  # noqa: PLC0415
+
+    if queue_size < 0:
+        raise UserError(f"--queue-size must be >= 0, got {queue_size}")
+    spec, directory = resolve_runnable(library)
+    if directory is None:
+        raise UserError(f"{library}: not a library directory (serve takes what `qcompile compile -o` wrote)")
+    if spec.kind.name != "decoder":
+        raise UserError(f"{library}: {spec.name} is an {spec.kind.name}; serve takes a decoder library")
+    tokenizer = Tokenizer.from_directory(Path(weights))  # before the weights: a missing file fails fast
+    sock = server.bind(host, port)
+    try:
+        model = runtime.load(directory, weights=weights)
+        application = app.create_app(model, tokenizer, model_name=model_name, queue_size=queue_size)
+    except BaseException:
+        sock.close()
+        raise
+    log(f"serving {model_name or spec.name} on {server.url_of(sock)}/v1 (context {model.max_seq_len} tokens, "
+        f"queue {queue_size}); Ctrl-C stops")
+    server.run(application, sock)
+
+
 # --- what is there -----------------------------------------------------------------------------------
 
 def list_models() -> dict[str, ModelSpec]:

@@ -1,0 +1,39 @@
+"""`qcompile serve LIBRARY --weights CKPT`: an OpenAI-compatible HTTP server (see `qcompile.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import api
+from .common import non_negative_int
+
+
+def port_number(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {value}")
+    return value
+
+
+def add(sub) -> None:
+    p = sub.add_parser("serve", help="serve a decoder library over an OpenAI-compatible HTTP API",
+                       description="Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream: true "
+                                   "for server-sent events), /health. One sequence runs at a time; waiting "
+                                   "requests queue, and a full queue answers 429 with Retry-After.")
+    p.add_argument("library", type=Path, metavar="LIBRARY", help="a decoder library directory")
+    p.add_argument("--weights", type=Path, required=True,
+                   help="HF checkpoint directory, with its tokenizer files (tokenizer.json or vocab.json + "
+                        "merges.txt, tokenizer_config.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (8000; 0: any free port)")
+    p.add_argument("--queue-size", type=non_negative_int, default=16,
+                   help="requests that may wait while one runs (16); more are refused with 429")
+    p.add_argument("--model-name", help="the model id clients use (default: the library's model name)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    api.serve(args.library, weights=args.weights, host=args.host, port=args.port, queue_size=args.queue_size,
+              model_name=args.model_name, log=lambda msg: print(msg, file=sys.stderr, flush=True))

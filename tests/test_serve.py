@@ -1,0 +1,432 @@
+"""`qcompile serve`: the OpenAI-compatible server, driven by the official `openai` client (streaming and
+not) and by plain httpx for the error cases, against a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+import threading
+import time
+import types
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+# --- TEMPORARY test doubles of the text side (qcompile.run.tokenizer / generation), following the shared
+# interface, until the real modules land; removed then. -----------------------------------------------
+if importlib.util.find_spec("qcompile.run.generation") is None:
+    from qcompile.errors import UserError
+
+    class ByteTokenizer:
+        vocab_size = 256
+        eos_token_ids = [0]
+
+        @classmethod
+        def from_directory(cls, directory):
+            if not (directory / "tokenizer.json").is_file():
+                raise UserError(f"{directory}: no tokenizer files (tokenizer.json)")
+            return cls()
+
+        @staticmethod
+        def present(directory):
+            return (directory / "tokenizer.json").is_file()
+
+        def encode(self, text):
+            return list(text.encode("latin-1", "replace"))
+
+        def decode(self, ids):
+            return bytes(ids).decode("latin-1")
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+            return text + ("<assistant>" if add_generation_prompt else "")
+
+    @dataclasses.dataclass
+    class SamplingParams:
+        max_tokens: int = 16
+        temperature: float = 0.0
+        top_k: int = 0
+        top_p: float = 1.0
+        min_p: float = 0.0
+        repetition_penalty: float = 1.0
+        presence_penalty: float = 0.0
+        frequency_penalty: float = 0.0
+        seed: int | None = None
+        stop: list = dataclasses.field(default_factory=list)
+        stop_token_ids: list = dataclasses.field(default_factory=list)
+
+        def check(self):
+            if not 0 < self.top_p <= 1:
+                raise UserError(f"sampling: field 'top_p' must be in (0, 1], got {self.top_p}")
+            if self.temperature < 0:
+                raise UserError(f"sampling: field 'temperature' must be >= 0, got {self.temperature}")
+
+    @dataclasses.dataclass
+    class Chunk:
+        text: str
+        token_ids: list
+        finish_reason: str | None = None
+
+    def generate(model, tokenizer, prompt_ids, params, *, cancelled=lambda: False):
+        if len(prompt_ids) + params.max_tokens > model.max_seq_len:
+            raise UserError("prompt + max_tokens exceeds max_seq_len")
+        rng = np.random.default_rng(params.seed)
+        logits = model.prefill(prompt_ids)[-1]
+        new, full, sent = [], "", 0
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        while True:
+            if params.temperature == 0:
+                token = int(np.argmax(logits))
+            else:
+                p = np.exp((logits - logits.max()) / params.temperature)
+                token = int(rng.choice(len(p), p=p / p.sum()))
+            new.append(token)
+            full += tokenizer.decode([token])
+            hit = [full.index(s) for s in params.stop if s in full]
+            if hit:
+                yield Chunk(full[sent:min(hit)], [token], "stop")
+                return
+            if token in params.stop_token_ids or len(new) == params.max_tokens:
+                yield Chunk(full[sent:], [token], "stop" if token in params.stop_token_ids else "length")
+                return
+            upto = max(sent, len(full) - hold)
+            yield Chunk(full[sent:upto], [token])
+            sent = upto
+            if cancelled():
+                yield Chunk("", [], "cancelled")
+                return
+            logits = model.decode(token)
+
+    sys.modules["qcompile.run.tokenizer"] = types.SimpleNamespace(Tokenizer=ByteTokenizer)
+    sys.modules["qcompile.run.generation"] = types.SimpleNamespace(
+        SamplingParams=SamplingParams, Chunk=Chunk, generate=generate)
+# ------------------------------------------------------------------------------------------------------
+
+import qcompile  # noqa: E402
+from qcompile.cli import main  # noqa: E402
+from qcompile.run.generation import SamplingParams, generate  # noqa: E402
+from qcompile.run.tokenizer import Tokenizer  # noqa: E402
+from qcompile.serve.app import create_app  # noqa: E402
+from qcompile.serve.server import BackgroundServer  # noqa: E402
+
+QUEUE_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(debug_checkpoint, tmp_path_factory):
+    """The debug checkpoint with tokenizer files (TEMPORARY: the byte double's marker file)."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("text") / "ckpt"
+    shutil.copytree(debug_checkpoint, directory)
+    (directory / "tokenizer.json").write_text("{}")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text_library(libraries):
+    return libraries.get("qwen2-debug", max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def loaded(text_library, text_checkpoint):
+    return qcompile.load(text_library, weights=text_checkpoint), Tokenizer.from_directory(text_checkpoint)
+
+
+def greedy(model, tokenizer, prompt_ids, max_tokens, **fields):
+    """What generation gives for this prompt, run directly (before the server owns the model)."""
+    chunks = list(generate(model, tokenizer, prompt_ids, SamplingParams(max_tokens=max_tokens, **fields)))
+    return "".join(c.text for c in chunks), sum(len(c.token_ids) for c in chunks), chunks[-1].finish_reason
+
+
+PROMPT = "The quick brown fox"
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there!"}]
+
+
+@pytest.fixture(scope="module")
+def expected(loaded):
+    """Reference outputs computed directly from the loaded model, before a server takes it over."""
+    model, tok = loaded
+    chat_ids = tok.encode(tok.apply_chat_template(CHAT, add_generation_prompt=True))
+    return {"completion": greedy(model, tok, tok.encode(PROMPT), 12),
+            "chat": greedy(model, tok, chat_ids, 10), "chat_prompt_tokens": len(chat_ids)}
+
+
+@pytest.fixture(scope="module")
+def server(loaded, expected):
+    model, tok = loaded
+    app = create_app(model, tok, model_name="tiny", queue_size=QUEUE_SIZE)
+    with BackgroundServer(app) as url:
+        yield url, app.state.worker
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def health(url):
+    response = httpx.get(url + "/health", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").max_model_len == 256
+    state = health(server[0])
+    assert state["status"] == "ok" and state["model"] == "tiny" and state["queue"]["queue_size"] == QUEUE_SIZE
+
+
+def test_completion_is_what_generation_gives(client, loaded, expected):
+    text, tokens, finish = expected["completion"]
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert result.object == "text_completion" and result.model == "tiny"
+    assert (result.choices[0].text, result.choices[0].finish_reason) == (text, finish) and finish == "length"
+    prompt_tokens = len(loaded[1].encode(PROMPT))
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
+        prompt_tokens, tokens, prompt_tokens + tokens)
+    # The same prompt given as token ids.
+    by_ids = client.completions.create(model="tiny", prompt=loaded[1].encode(PROMPT), max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == text
+
+
+def test_chat_streaming_equals_non_streaming(client, expected):
+    text, tokens, finish = expected["chat"]
+    whole = client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=10, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (text, finish)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (expected["chat_prompt_tokens"], tokens)
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *with_choices, last = chunks
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == text
+    assert [c.choices[0].finish_reason for c in with_choices].count(finish) == 1
+    assert with_choices[-1].choices[0].finish_reason == finish
+    assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        expected["chat_prompt_tokens"], tokens)
+
+
+def test_completion_stream_wire_format(server, expected):
+    """The raw event stream: `data: {json}` events, a finish_reason on the last chunk, `data: [DONE]`."""
+    text, _, finish = expected["completion"]
+    with httpx.stream("POST", server[0] + "/v1/completions", timeout=30,
+                      json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    import json
+
+    bodies = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert "".join(b["choices"][0]["text"] for b in bodies) == text
+    assert bodies[-1]["choices"][0]["finish_reason"] == finish
+    assert all(b["choices"][0]["finish_reason"] is None for b in bodies[:-1])
+
+
+def test_stop_string_seed_and_extras(client, expected):
+    text, _, _ = expected["completion"]
+    stop = text[4:6]  # a piece of the greedy continuation: the answer ends right before it
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert result.choices[0].finish_reason == "stop" and result.choices[0].text == text[:text.index(stop)]
+
+    def sampled(seed):
+        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=seed,
+                                         extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1}
+                                         ).choices[0].text
+
+    assert sampled(7) == sampled(7)
+
+
+def error_of(response, status=400):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+BAD_REQUESTS = [  # (path, raw body, the field the error names)
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": ', None),
+    ("/v1/completions", b'["not", "an", "object"]', None),
+    ("/v1/completions", b'{"model": "gpt-4", "prompt": "hi"}', "model"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": -3}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": "8"}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": "' + b"x" * 300 + b'"}', "prompt"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 255}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": ""}', "prompt"),
+    ("/v1/completions", b'{"prompt": [1, 2, 99999]}', "prompt"),
+    ("/v1/completions", b'{"prompt": ["a", "b"]}', "prompt"),
+    ("/v1/completions", b'{"prompt": "hi", "n": 2}', "n"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": 5}', "stop"),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": 1.5}', None),
+    ("/v1/completions", b'{"max_tokens": 4}', "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ["hi"]}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role"),
+    ("/v1/chat/completions", b'{"messages": []}', "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+     "temperature"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD_REQUESTS)
+def test_bad_requests_are_400_with_an_openai_error(server, path, body, param):
+    error = error_of(httpx.post(server[0] + path, content=body, headers={"content-type": "application/json"}))
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_errors_through_the_openai_client_and_routes(client, server):
+    with pytest.raises(openai.BadRequestError, match="gpt-4"):
+        client.chat.completions.create(model="gpt-4", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="y" * 300, stream=True)
+    assert error_of(httpx.get(server[0] + "/v1/nothing"), 404)["type"] == "not_found_error"
+    assert error_of(httpx.get(server[0] + "/v1/completions"), 405)
+    assert error_of(httpx.get(server[0] + "/v1/models/other"), 404)["code"] == "model_not_found"
+    assert health(server[0])["status"] == "ok"
+
+
+class GatedModel:
+    """The real model, but prefill waits for `gate` and every decode step takes `step_seconds`: a request
+    that holds the model as long as a test needs."""
+
+    def __init__(self, model, step_seconds=0.0):
+        self._model, self.step_seconds = model, step_seconds
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def prefill(self, ids):
+        self.gate.wait(30)
+        return self._model.prefill(ids)
+
+    def decode(self, token):
+        time.sleep(self.step_seconds)
+        return self._model.decode(token)
+
+
+@pytest.fixture
+def gated_server(loaded, server):
+    """A second server on the same loaded model (the first one idles meanwhile), queue of 1."""
+    model, tok = loaded
+    gated = GatedModel(model)
+    app = create_app(gated, tok, model_name="tiny", queue_size=1)
+    with BackgroundServer(app) as url:
+        yield url, app.state.worker, gated
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_full_queue_answers_429_with_retry_after(gated_server):
+    url, worker, gated = gated_server
+    gated.gate.clear()  # the first request holds the model until the gate opens
+    results = {}
+
+    def post(key):
+        results[key] = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+
+    threads = [threading.Thread(target=post, args=(key,)) for key in ("running", "waiting")]
+    threads[0].start()
+    wait_for(lambda: worker.snapshot()["running"] == 1)
+    threads[1].start()
+    wait_for(lambda: worker.snapshot()["waiting"] == 1)
+    refused = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+    error = error_of(refused, 429)
+    assert error["type"] == "rate_limit_error" and int(refused.headers["retry-after"]) >= 1
+    gated.gate.set()
+    for t in threads:
+        t.join(30)
+    assert [results[k].status_code for k in ("running", "waiting")] == [200, 200]
+    assert worker.snapshot() | {"rejected": 1, "completed": 2} == worker.snapshot()
+
+
+def test_disconnect_frees_the_model(gated_server):
+    """A client that leaves mid-stream (or mid-wait for a whole answer) cancels its generation at once:
+    the next request is served promptly, not after the ~10 s the abandoned one would still have taken."""
+    url, worker, gated = gated_server
+    gated.step_seconds = 0.05  # 200 tokens: 10 s
+    long = {"prompt": "hi", "max_tokens": 200, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/completions", json={**long, "stream": True}, timeout=30) as response:
+        next(response.iter_lines())  # generation has started
+    wait_for(lambda: worker.snapshot()["cancelled"] == 1, timeout=2)
+    with pytest.raises(httpx.ReadTimeout):  # a whole-answer client that gives up
+        httpx.post(url + "/v1/completions", json=long, timeout=httpx.Timeout(30, read=0.5))
+    wait_for(lambda: worker.snapshot()["cancelled"] == 2, timeout=2)
+    start = time.monotonic()
+    answer = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert answer.status_code == 200 and time.monotonic() - start < 2
+    assert health(url)["queue"]["running"] == 0
+
+
+def test_load_every_request_answered_or_refused(client, server):
+    """16 clients x 3 requests (half of them streaming) against a queue of 4: each answered (200) or
+    refused with 429; none lost, none 5xx; the counts agree with the worker's; healthy after."""
+    before = server[1].snapshot()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(16)
+
+    def one_client(index):
+        start.wait()
+        for request in range(3):
+            try:
+                if (index + request) % 2:
+                    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True)
+                    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                    finish = "ok"
+                else:
+                    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+                    text, finish = result.choices[0].text, "ok"
+                outcome = finish if isinstance(text, str) else "bad"
+            except openai.RateLimitError:
+                outcome = "429"
+            except Exception as e:  # noqa: BLE001 -- anything else is a failure this test reports
+                outcome = f"error: {e!r}"
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    counts = {k: outcomes.count(k) for k in set(outcomes)}
+    print(f"load: 16 clients x 3 requests -> {counts}")
+    assert len(outcomes) == 48 and set(counts) <= {"ok", "429"} and counts.get("ok", 0) >= 1, counts
+    after = health(server[0])["queue"]
+    assert after["completed"] - before["completed"] == counts["ok"]
+    assert after["rejected"] - before["rejected"] == counts.get("429", 0)
+    assert (after["waiting"], after["running"], after["failed"]) == (0, 0, 0)
+
+
+def test_cli_user_errors(capsys, text_library, debug_checkpoint, text_checkpoint):
+    def user_error(needle, *argv):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("qcompile: error: ") and err.count("\n") == 1, err
+        assert needle in err, err
+
+    user_error("tokenizer", "serve", text_library, "--weights", debug_checkpoint)  # no tokenizer files
+    user_error("--port", "serve", text_library, "--weights", text_checkpoint, "--port", "70000")
+    user_error("--queue-size", "serve", text_library, "--weights", text_checkpoint, "--queue-size", "-1")
+    user_error("not a library directory", "serve", "qwen2-debug", "--weights", text_checkpoint)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        user_error("cannot listen", "serve", text_library, "--weights", text_checkpoint, "--port",
+                   taken.getsockname()[1])
