@@ -129,7 +129,10 @@ class Decoder(Library):
 
     prefill(ids) starts a new sequence and returns float32 logits [len(ids), vocab];
     decode(token) appends one token and returns logits [vocab];
-    generate(ids, max_new_tokens) runs greedy decoding and returns the new token ids.
+    generate(ids, max_new_tokens) runs greedy decoding and returns the new token ids;
+    generate_text(prompt) / chat(messages) take text, sample (`run.generation.SamplingParams` fields as
+    keyword arguments) and return text, or an iterator of text pieces with stream=True; the tokenizer
+    is the checkpoint's own (`tokenizer`, loaded on first use).
     """
 
     def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
@@ -145,6 +148,8 @@ class Decoder(Library):
         self.last_stats: GenerateStats | None = None  # of the last generate()
         self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
         self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
+        self.weights = Path(weights)
+        self._tokenizer = None
 
     def _check_ids(self, ids: Any, what: str) -> np.ndarray:
         array = np.asarray(ids)
@@ -204,6 +209,29 @@ class Decoder(Library):
                                         time.perf_counter() - start)
         self.last_step_logits = np.stack(steps) if steps else np.zeros((0, self.vocab_size), np.float32)
         return np.array(new, dtype=np.int64)
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (`run.tokenizer.Tokenizer`); a UserError naming the checkpoint
+        directory when it has no tokenizer files."""
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer  # noqa: PLC0415
+
+            self._tokenizer = Tokenizer.from_directory(self.weights)
+        return self._tokenizer
+
+    def generate_text(self, prompt: str, stream: bool = False, **sampling):
+        """Continue `prompt` (text, no template): the new text, or its pieces as they come with stream."""
+        from .generation import reply  # noqa: PLC0415
+
+        return reply(self, self.tokenizer, self.tokenizer.encode(prompt), stream, sampling)
+
+    def chat(self, messages: list[dict], stream: bool = False, **sampling):
+        """The assistant's reply to `messages` ([{"role", "content"}], the checkpoint's chat template)."""
+        from .generation import reply  # noqa: PLC0415
+
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return reply(self, self.tokenizer, self.tokenizer.encode(prompt), stream, sampling)
 
 
 class Encoder(Library):
