@@ -87,6 +87,27 @@ def debug_library(libraries) -> Path:
     return libraries.get("qwen2-debug", max_seq_len=64)
 
 
+# A tiny qwen2 with Qwen's real vocabulary (151,936 rows, tied LM head): text in, text out.
+TEXT_QWEN2 = dict(TINY_QWEN2, vocab_size=151936, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory) -> Path:
+    """Random weights for TEXT_QWEN2 written by `qcompile init-weights`, which adds Qwen's tokenizer
+    files (tokenizer.json, tokenizer_config.json, generation_config.json)."""
+    import transformers
+
+    model_dir = tmp_path_factory.mktemp("text-model")
+    transformers.Qwen2Config(**TEXT_QWEN2).save_pretrained(model_dir)  # config.json: a MODEL
+    return qcompile.init_weights(model_dir, out=tmp_path_factory.mktemp("text-ckpt") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def text_library(libraries, text_checkpoint) -> Path:
+    """TEXT_QWEN2 compiled for the CPU, context 256 tokens."""
+    return libraries.get(text_checkpoint, max_seq_len=256)
+
+
 # Largest relative logit difference seen per test (the worst case of each comparison), for the summary.
 MEASURED: dict[str, float] = {}
 

@@ -51,7 +51,7 @@ FAMILIES: dict[str, Family] = {
         config_from_hf=qwen2.config_from_hf, config_to_hf=qwen2.config_to_hf, build=qwen2.build,
         hf_tensors=qwen2.hf_tensors, weight_map=qwen2.weight_map,
         tensor_parallel_plan=qwen2.TENSOR_PARALLEL_PLAN, parameter_count=_total(qwen2.hf_tensors),
-        active_parameter_count=_total(qwen2.hf_tensors)),
+        active_parameter_count=_total(qwen2.hf_tensors), checkpoint_files=decoder.tokenizer_files),
     "qwen3_moe": Family(
         name="qwen3_moe", kind=DECODER, config_class=qwen3_moe.Qwen3MoeConfig,
         hf_model_types=("qwen3_moe",), config_from_hf=qwen3_moe.config_from_hf,
@@ -59,7 +59,7 @@ FAMILIES: dict[str, Family] = {
         weight_map=qwen3_moe.weight_map, tensor_parallel_plan=qwen3_moe.TENSOR_PARALLEL_PLAN,
         parameter_count=_total(qwen3_moe.hf_tensors),
         active_parameter_count=qwen3_moe.active_parameter_count,
-        checkpoint_views=qwen3_moe.checkpoint_views),
+        checkpoint_views=qwen3_moe.checkpoint_views, checkpoint_files=decoder.tokenizer_files),
     "vit": Family(
         name="vit", kind=ENCODER, config_class=vit.ViTConfig, hf_model_types=tuple(vit.HF_MODEL_TYPES),
         config_from_hf=vit.config_from_hf, config_to_hf=vit.config_to_hf, build=vit.build,

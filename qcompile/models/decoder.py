@@ -176,6 +176,14 @@ DENSE_MLP_TP_PLAN: dict[str, str] = {
 }
 
 
+def tokenizer_files(cfg: DecoderConfig) -> dict[str, dict[str, Any]]:
+    """The tokenizer files init-weights writes for a decoder: Qwen's real tokenizer (tokenizer.json,
+    tokenizer_config.json, generation_config.json) when the embedding covers Qwen's vocabulary, else none."""
+    from ..run.qwen_vocab import checkpoint_files  # noqa: PLC0415 (built only when writing a checkpoint)
+
+    return checkpoint_files(cfg.vocab_size, cfg.max_position_embeddings)
+
+
 def parameter_count(shapes: Shapes) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
