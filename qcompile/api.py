@@ -170,6 +170,14 @@ def serve(library: str | os.PathLike, *, weights: str | os.PathLike, host: str =
     server.run(application, sock)
 
 
+def set_threads(threads: int | None) -> int:
+    """Run kernels on THREADS threads in this process (None: every CPU it may use, the default); must
+    come before anything loads TVM. Returns the count in force."""
+    from .run.threads import configure  # noqa: PLC0415
+
+    return configure(threads)
+
+
 # --- what is there -----------------------------------------------------------------------------------
 
 def list_models() -> dict[str, ModelSpec]:

@@ -96,6 +96,9 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         log(f"      tuned kernels: {len(report.tuned)}; default schedules: {len(report.default_static)} "
             f"static without a record{': ' + ', '.join(sorted(report.default_static)) if report.default_static else ''}"
             f", {len(report.default_symbolic)} with symbolic shapes")
+    if report.rule:
+        log(f"      qcompile CPU rules scheduled {len(report.rule)} kernels: "
+            + ", ".join(f"{rule} x{list(report.rule.values()).count(rule)}" for rule in sorted(set(report.rule.values()))))
     log("[3/3] writing the library")
     executable.export_library(str(directory / library.LIBRARY), **devicecode.export_options(plan.target, log))
     device_code = devicecode.check_library(plan.target, directory / library.LIBRARY)
@@ -119,6 +122,7 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "device_code": device_code,
         "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
                             if plan.schedules else None),
+        "cpu_rules": report.rule,  # kernel -> the qcompile CPU rule that scheduled it (no record in a database)
         "identity": plan.identity(),
         "build": {"seconds": round(time.perf_counter() - start, 2),
                   "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},

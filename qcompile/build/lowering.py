@@ -6,7 +6,8 @@
                            these PrimFuncs are MetaSchedule's tuning tasks (`fused`)
   3. schedule              kernels the tuning database has records for get their best schedule; on GPU
                            dlight's default rules schedule the rest (a GPU kernel needs thread bindings);
-                           on CPU the rest keep TVM's default lowering
+                           on CPU qcompile's own rules (`cpu_rules`) schedule the kernel classes they
+                           know, and the rest keep TVM's default lowering
   4. TVM's own lowering for the target kind (dataflow lowering and finalize passes)
 """
 
@@ -26,11 +27,12 @@ class ScheduleReport:
 
     tuned: list[str] = dataclasses.field(default_factory=list)
     default_static: list[str] = dataclasses.field(default_factory=list)  # tunable, no record
+    rule: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel -> the cpu_rules rule used
     default_symbolic: list[str] = dataclasses.field(default_factory=list)  # symbolic shapes: not tuned
 
     def as_json(self) -> dict[str, Any]:
         return {"tuned": sorted(self.tuned), "default_static": sorted(self.default_static),
-                "default_symbolic": sorted(self.default_symbolic)}
+                "default_symbolic": sorted(self.default_symbolic), "rule_scheduled": dict(sorted(self.rule.items()))}
 
 
 def is_symbolic(func: Any) -> bool:
@@ -78,6 +80,25 @@ def schedule(mod: Any, target: Any, database: Any | None, report: ScheduleReport
                 report.default_static.append(gv.name_hint)
         if target.kind.name in GPU_KINDS:
             mod = gpu_default_schedules(mod)
+        else:
+            mod = cpu_default_schedules(mod, target, report)
+    return mod
+
+
+def cpu_default_schedules(mod: Any, target: Any, report: ScheduleReport) -> Any:
+    """qcompile's CPU rules for every kernel the database did not schedule."""
+    from tvm import tirx  # noqa: PLC0415
+
+    from .cpu_rules import default_schedule  # noqa: PLC0415
+
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            continue
+        found = default_schedule(func, target)
+        if found is not None:
+            rule, sch = found
+            mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            report.rule[gv.name_hint] = rule
     return mod
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .. import api
-from .common import MODEL_HELP, emit_json, non_negative_int, print_table, progress
+from .common import MODEL_HELP, add_threads, emit_json, non_negative_int, print_table, progress
 
 
 def add(sub) -> None:
@@ -28,11 +28,13 @@ def add(sub) -> None:
                    help="engines to leave out, comma-separated (e.g. qcompile-default: minutes per run)")
     p.add_argument("--workdir", type=Path, default=Path("build/bench"),
                    help="random-weight checkpoints are kept here (build/bench)")
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="JSON only")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
+    api.set_threads(args.threads)  # the engines' child processes inherit it
     report, header, rows = api.bench(args.model, target=args.target, vs_torch=args.vs == "torch",
                                      prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                                      repeats=args.repeats, workdir=args.workdir, log=progress(args),
@@ -40,9 +42,11 @@ def run(args) -> None:
     if args.json:
         return emit_json(report)
     machine = report["machine"]
-    print(f"{report['model']} on {report['target']}, batch 1, median of {report['repeats']} runs; "
+    print(f"{report['model']} on {report['target']}, batch 1, {machine['threads']} threads, median of "
+          f"{report['repeats']} runs; "
           f"{report['tuned_kernels']} tuned kernels (database {report['tuning_database'] or 'none'})")
-    print(f"measured here: read bandwidth {machine['read_bytes_per_s'] / 1e9:.1f} GB/s, float32 matmul "
-          f"peak {machine['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s")
+    probes = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in machine["read_probes_bytes_per_s"].items())
+    print(f"measured here: read bandwidth {machine['read_bytes_per_s'] / 1e9:.1f} GB/s (best of {probes}), "
+          f"float32 matmul peak {machine['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s")
     print_table(rows, header)
     print(json.dumps(report))

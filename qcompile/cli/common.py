@@ -75,9 +75,35 @@ def add_build_options(p: argparse.ArgumentParser,
     p.add_argument("--max-seq-len", type=non_negative_int, help=seq_help)
 
 
+def add_runnable(p: argparse.ArgumentParser) -> None:
+    """LIBRARY|MODEL and --weights, and what finds a MODEL's registry entry (--target, build options)."""
+    p.add_argument("library", type=Path, metavar="LIBRARY|MODEL",
+                   help="a library directory, or a MODEL whose registry entry (for --target and the "
+                        "build options below, as given to compile --register) is loaded")
+    p.add_argument("--target", default="cpu", help="with a MODEL: the target it was built for (cpu)")
+    add_build_options(p, dtype_help="with a MODEL: its build dtype", seq_help="with a MODEL: its --max-seq-len")
+    p.add_argument("--weights", type=Path, required=True, help="HF checkpoint directory")
+
+
+def load_runnable(args, spec, library: Path | None):
+    """Open what add_runnable's arguments name (`spec, library` from api.describe_runnable)."""
+    from .. import api  # noqa: PLC0415
+
+    if library is not None:
+        return api.load(library, weights=args.weights)
+    return api.load(weights=args.weights, model=spec, target=args.target, dtype=args.dtype,
+                    max_seq_len=args.max_seq_len)
+
+
 def listing(group, name: str, help: str, func) -> argparse.ArgumentParser:
     """A subcommand that lists or shows something: --json, and `func` as its handler."""
     p = group.add_parser(name, help=help)
     add_json(p)
     p.set_defaults(func=func)
     return p
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=non_negative_int,
+                   help="threads the kernels run on (default: every CPU this process may use; "
+                        "TVM_NUM_THREADS also sets it)")

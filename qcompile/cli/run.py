@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import api
 from ..atomic import save_npy
 from ..errors import UserError
-from .common import add_build_options, emit_json, non_negative_int
+from .common import add_build_options, add_threads, emit_json, non_negative_int
 
 # Every kind's inputs and outputs, as flags; which ones a kind takes is `Kind.run_flags`.
 FLAGS = {"--prompt-ids": "prompt_ids", "--logits-out": "logits_out", "--eos-id": "eos_id",
@@ -32,6 +32,7 @@ def add(sub) -> None:
     p.add_argument("--max-new-tokens", type=non_negative_int, default=16, help="tokens to generate (16)")
     p.add_argument("--eos-id", type=non_negative_int, help="stop after generating this token id")
     p.add_argument("--logits-out", type=Path, help="save the prompt's logits, float32 [prompt_len, vocab]")
+    add_threads(p)
     p.add_argument("--json", action="store_true",
                    help="decoders: print {prompt_ids, generated_ids, prefill_seconds, decode_tokens_per_s}; "
                         "encoders: {images, shape, encode_seconds, images_per_s, cls_features_head}")
@@ -62,6 +63,7 @@ def _check_output_file(path: Path | None, flag: str) -> None:
 
 
 def run(args) -> None:
+    api.set_threads(args.threads)
     spec, library = api.describe_runnable(args.library)
     kind = spec.kind
     given = {flag for flag, attr in FLAGS.items() if getattr(args, attr) is not None}

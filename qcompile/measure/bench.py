@@ -15,7 +15,6 @@ seconds >= FLOPs / matmul peak. Each result is reported as a fraction of its lim
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 from .. import api
 from ..errors import UserError
 from ..models.kinds import DECODER
+from ..run import threads
 from ..spec.model import ModelSpec, resolve_model
 from ..spec.target import availability, load_target
 
@@ -38,27 +38,34 @@ ENGINE_TIMEOUT = 900  # seconds per engine (torch.compile's first compile is the
 
 # --- physical limits ---------------------------------------------------------------------------------
 
-def measure_machine() -> dict[str, float]:
-    """Read bandwidth (bytes/s, summing a 1 GiB float32 array on all cores) and float32 matmul peak
-    (FLOP/s, 2048^3), each the best of 5, with torch (multithreaded, MKL)."""
+def _best_rate(amount: float, run, repeats: int = 5) -> float:
+    """amount / the fastest of `repeats` timed runs (after one warm-up run)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return amount / best
+
+
+def measure_machine(thread_count: int) -> dict[str, Any]:
+    """The physical limits on this machine, each the fastest kernel available here on `thread_count`
+    threads: read bandwidth (bytes/s) as the best of torch's sum over 1 GiB and numpy's (BLAS)
+    matrix-vector product over a 1 GiB [rows, 1024] float32 matrix (both read every byte once; the
+    faster one is the closer bound: no engine should beat it), and the float32 matmul peak (FLOP/s,
+    torch 2048^3)."""
     import torch  # noqa: PLC0415
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(thread_count)
     big = torch.ones(1 << 28, dtype=torch.float32)
-    big.sum()
-    reads = []
-    for _ in range(5):
-        start = time.perf_counter()
-        big.sum()
-        reads.append(big.numel() * 4 / (time.perf_counter() - start))
+    probes = {"torch_sum": _best_rate(big.numel() * 4, big.sum)}
+    matrix = big.numpy().reshape(-1, 1024)  # the same bytes, as a matrix
+    vector = np.ones(1024, np.float32)
+    probes["numpy_gemv"] = _best_rate(matrix.nbytes, lambda: matrix @ vector)
     a = torch.randn(2048, 2048)
-    a @ a
-    flops = []
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ a
-        flops.append(2 * 2048 ** 3 / (time.perf_counter() - start))
-    return {"read_bytes_per_s": max(reads), "matmul_flop_per_s": max(flops)}
+    return {"read_bytes_per_s": max(probes.values()), "read_probes_bytes_per_s": probes,
+            "matmul_flop_per_s": _best_rate(2 * 2048 ** 3, lambda: a @ a), "threads": thread_count}
 
 
 # --- one engine, in a child process ---------------------------------------------------------------
@@ -125,7 +132,7 @@ class _torch_calls:
 
         from . import reference  # noqa: PLC0415
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads.count())  # the same threads as the qcompile engines
         torch.set_grad_enabled(False)
         self.torch = torch
         self.model = (reference.load_causal_lm(checkpoint) if spec.kind.has_sequence
@@ -190,8 +197,8 @@ def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len
         entry, _ = api.register_model(model, target=target, use_schedules=use, log=lambda _m: None)
         libraries[engine] = entry
     tuned_db = libraries["qcompile-tuned"].manifest.get("tuning_database")
-    log("measuring read bandwidth and matmul peak")
-    machine = measure_machine()
+    log(f"measuring read bandwidth and matmul peak ({threads.count()} threads)")
+    machine = measure_machine(threads.count())
     args = {"checkpoint": str(checkpoint), "prompt_len": prompt_len,
             "decode_tokens": decode_tokens, "repeats": repeats}
     results = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..build import builder as library_builder
-from ..build import lowering
+from ..build import cpu_rules, lowering
 from ..build.plan import BuildPlan
 from ..build.schedules import check_database
 from ..errors import UserError
@@ -148,46 +148,62 @@ def schedulable(mod: Any) -> bool:
     return True
 
 
-def _default_trace(mod: Any) -> Any:
-    """A trace that changes nothing: one lookup of the root block. (The database's top-k skips records
-    with an empty trace, so the default schedule is recorded with this one.)"""
+def _default_schedule(mod: Any, target: Any) -> tuple[Any, Any]:
+    """(trace, scheduled module) of the schedule a build gives this kernel without a record: qcompile's
+    CPU rule for its class (`build.cpu_rules`), else TVM's default lowering, recorded as a trace that
+    changes nothing (one lookup of the root block: the database's top-k skips empty traces)."""
     from tvm import s_tir  # noqa: PLC0415
 
+    found = cpu_rules.default_schedule(mod["main"], target)
+    if found is not None:
+        return found[1].trace, found[1].mod
     schedule = s_tir.Schedule(mod)
     schedule.get_sblock("root")
-    return schedule.trace
+    return schedule.trace, mod
+
+
+def _rule_trace(trace: Any) -> bool:
+    """A trace a cpu_rules rule made (its blocks carry the rule annotation)."""
+    return any(inst.kind.name == "Annotate" and cpu_rules.RULE_ATTR in [str(a) for a in inst.attrs]
+               for inst in trace.insts)
 
 
 def _is_default(record: Any) -> bool:
-    return len(record.trace.insts) == 1
+    return len(record.trace.insts) == 1 or _rule_trace(record.trace)
 
 
 def record_defaults(db: Any, tasks: list[Any], workloads: list[Any], target: Any, device: str, builder: Any,
                     runner: Any, log: Callable[[str], None]) -> None:
-    """Measure and record the default schedule of each kernel without such a record (CPU only: a GPU
-    kernel does not run unscheduled, and dlight's schedule is not a trace the database can hold)."""
+    """Measure and record the default schedule of each kernel without a record of it (CPU only: a GPU
+    kernel does not run unscheduled, and dlight's schedule is not a trace the database can hold). A
+    database tuned before a cpu_rules rule covered a kernel gets the rule's schedule recorded too, so
+    the best record is never slower than what a build without the database runs."""
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
     if device != "cpu":
         return
-    recorded = {id(w) for w in workloads
-                if any(r.workload.same_as(w) and _is_default(r) for r in db.get_all_tuning_records())}
-    todo = [i for i, w in enumerate(workloads) if id(w) not in recorded]  # a failed default counts
+    defaults = [_default_schedule(tasks[i].dispatched[0], target) for i in range(len(tasks))]
+    records = db.get_all_tuning_records()
+    todo = [i for i, w in enumerate(workloads)  # a failed default counts as recorded
+            if not any(r.workload.same_as(w) and _is_default(r)
+                       and _rule_trace(r.trace) == _rule_trace(defaults[i][0]) for r in records)]
     if not todo:
         return
     log(f"measuring {len(todo)} kernels with their default schedules")
-    mods = [tasks[i].dispatched[0] for i in todo]
+    mods = [defaults[i][1] for i in todo]
     for i, mod, secs in zip(todo, mods, measure(mods, target, device, builder, runner), strict=True):
         db.commit_tuning_record(ms.database.TuningRecord(
-            _default_trace(mod), workloads[i], run_secs=secs or [1e10], target=target,
+            defaults[i][0], workloads[i], run_secs=secs or [1e10], target=target,
             args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
 
 
 def default_seconds(db: Any, workload: Any) -> float | None:
-    for record in db.get_all_tuning_records():
-        if record.workload.same_as(workload) and _is_default(record) and record.run_secs:
-            secs = [float(s) for s in record.run_secs]
-            return statistics.mean(secs) if max(secs) < 1e9 else None
+    """The default schedule's mean run time (a rule's, when one was recorded, over TVM's default)."""
+    found = [r for r in db.get_all_tuning_records()
+             if r.workload.same_as(workload) and _is_default(r) and r.run_secs]
+    for record in sorted(found, key=lambda r: not _rule_trace(r.trace)):
+        secs = [float(s) for s in record.run_secs]
+        return statistics.mean(secs) if max(secs) < 1e9 else None
     return None
 
 

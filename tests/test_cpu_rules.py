@@ -1,0 +1,72 @@
+"""qcompile's own default CPU schedules (`build.cpu_rules`): which kernels each rule takes, that the
+scheduled kernel computes what the unscheduled one does, and that builds use them where no tuning record
+serves a kernel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+import qcompile
+from qcompile.build import cpu_rules
+
+
+def _target(mcpu: str):
+    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": mcpu, "num-cores": 2})
+
+
+HOST = _target(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def _decode_projection(rows: int, depth: int, n: int = 1):
+    """y[n, rows] = x[n, depth] . W[rows, depth]^T + b: the fused kernel a decode projection lowers to."""
+    x = te.placeholder((n, depth), "float32", name="x")
+    w = te.placeholder((rows, depth), "float32", name="w")
+    b = te.placeholder((rows,), "float32", name="b")
+    k = te.reduce_axis((0, depth), name="k")
+    y = te.compute((n, rows), lambda i, j: te.sum(x[i, k] * w[j, k], axis=k), name="NT_matmul")
+    out = te.compute((n, rows), lambda i, j: y[i, j] + b[j], name="T_add")
+    return te.create_prim_func([x, w, b, out])
+
+
+def test_vector_lanes_follow_the_target():
+    assert cpu_rules.vector_lanes(_target("skylake-avx512")) == 16
+    assert cpu_rules.vector_lanes(_target("haswell")) == 8
+
+
+@pytest.mark.parametrize("rows,depth", [(1152, 896), (64, 4864), (8, 64)])
+def test_gemv_rule_computes_the_same_numbers(rows, depth):
+    found = cpu_rules.default_schedule(_decode_projection(rows, depth), HOST)
+    assert found is not None and found[0] == "gemv"
+    run = tvm.compile(found[1].mod, target=HOST).jit()["main"]
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((1, depth), (rows, depth), (rows,)))
+    out = tvm.runtime.tensor(np.zeros((1, rows), np.float32))
+    run(*(tvm.runtime.tensor(a) for a in (x, w, b)), out)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
+
+
+@pytest.mark.parametrize("n,rows,depth", [(8, 64, 64), (1, 64, 60), (1, 6, 64)])
+def test_gemv_rule_declines_other_shapes(n, rows, depth):
+    """A prefill matmul (8 rows of input), a depth no vector width divides, too few rows for a block."""
+    assert cpu_rules.default_schedule(_decode_projection(rows, depth, n), HOST) is None
+
+
+def test_untuned_build_schedules_decode_projections_with_the_rule(tmp_path, debug_checkpoint, debug_library):
+    manifest = qcompile.compile_model("qwen2-debug", out=tmp_path / "lib", max_seq_len=32, use_schedules=False,
+                                      log=lambda _m: None)
+    rules = manifest["cpu_rules"]
+    assert rules and set(rules.values()) == {"gemv"} and all("matmul" in name for name in rules)
+    saved = json.loads((tmp_path / "lib" / "manifest.json").read_text())["cpu_rules"]
+    assert saved == rules
+    untuned = qcompile.load(tmp_path / "lib", weights=debug_checkpoint)
+    tuned = qcompile.load(debug_library, weights=debug_checkpoint)  # committed schedules
+    prompt = [3, 14, 15, 92]
+    assert untuned.generate(prompt, 6).tolist() == tuned.generate(prompt, 6).tolist()
+    ours, theirs = untuned.last_step_logits, tuned.last_step_logits  # every decode step's logits
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5
