@@ -3,132 +3,22 @@ not) and by plain httpx for the error cases, against a real uvicorn server on 12
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import sys
 import threading
 import time
-import types
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
-# --- TEMPORARY test doubles of the text side (qcompile.run.tokenizer / generation), following the shared
-# interface, until the real modules land; removed then. -----------------------------------------------
-if importlib.util.find_spec("qcompile.run.generation") is None:
-    from qcompile.errors import UserError
-
-    class ByteTokenizer:
-        vocab_size = 256
-        eos_token_ids = [0]
-
-        @classmethod
-        def from_directory(cls, directory):
-            if not (directory / "tokenizer.json").is_file():
-                raise UserError(f"{directory}: no tokenizer files (tokenizer.json)")
-            return cls()
-
-        @staticmethod
-        def present(directory):
-            return (directory / "tokenizer.json").is_file()
-
-        def encode(self, text):
-            return list(text.encode("latin-1", "replace"))
-
-        def decode(self, ids):
-            return bytes(ids).decode("latin-1")
-
-        def apply_chat_template(self, messages, add_generation_prompt=True):
-            text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-            return text + ("<assistant>" if add_generation_prompt else "")
-
-    @dataclasses.dataclass
-    class SamplingParams:
-        max_tokens: int = 16
-        temperature: float = 0.0
-        top_k: int = 0
-        top_p: float = 1.0
-        min_p: float = 0.0
-        repetition_penalty: float = 1.0
-        presence_penalty: float = 0.0
-        frequency_penalty: float = 0.0
-        seed: int | None = None
-        stop: list = dataclasses.field(default_factory=list)
-        stop_token_ids: list = dataclasses.field(default_factory=list)
-
-        def check(self):
-            if not 0 < self.top_p <= 1:
-                raise UserError(f"sampling: field 'top_p' must be in (0, 1], got {self.top_p}")
-            if self.temperature < 0:
-                raise UserError(f"sampling: field 'temperature' must be >= 0, got {self.temperature}")
-
-    @dataclasses.dataclass
-    class Chunk:
-        text: str
-        token_ids: list
-        finish_reason: str | None = None
-
-    def generate(model, tokenizer, prompt_ids, params, *, cancelled=lambda: False):
-        if len(prompt_ids) + params.max_tokens > model.max_seq_len:
-            raise UserError("prompt + max_tokens exceeds max_seq_len")
-        rng = np.random.default_rng(params.seed)
-        logits = model.prefill(prompt_ids)[-1]
-        new, full, sent = [], "", 0
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        while True:
-            if params.temperature == 0:
-                token = int(np.argmax(logits))
-            else:
-                p = np.exp((logits - logits.max()) / params.temperature)
-                token = int(rng.choice(len(p), p=p / p.sum()))
-            new.append(token)
-            full += tokenizer.decode([token])
-            hit = [full.index(s) for s in params.stop if s in full]
-            if hit:
-                yield Chunk(full[sent:min(hit)], [token], "stop")
-                return
-            if token in params.stop_token_ids or len(new) == params.max_tokens:
-                yield Chunk(full[sent:], [token], "stop" if token in params.stop_token_ids else "length")
-                return
-            upto = max(sent, len(full) - hold)
-            yield Chunk(full[sent:upto], [token])
-            sent = upto
-            if cancelled():
-                yield Chunk("", [], "cancelled")
-                return
-            logits = model.decode(token)
-
-    sys.modules["qcompile.run.tokenizer"] = types.SimpleNamespace(Tokenizer=ByteTokenizer)
-    sys.modules["qcompile.run.generation"] = types.SimpleNamespace(
-        SamplingParams=SamplingParams, Chunk=Chunk, generate=generate)
-# ------------------------------------------------------------------------------------------------------
-
-import qcompile  # noqa: E402
-from qcompile.cli import main  # noqa: E402
-from qcompile.run.generation import SamplingParams, generate  # noqa: E402
-from qcompile.run.tokenizer import Tokenizer  # noqa: E402
-from qcompile.serve.app import create_app  # noqa: E402
-from qcompile.serve.server import BackgroundServer  # noqa: E402
+import qcompile
+from qcompile.cli import main
+from qcompile.run.generation import SamplingParams, generate
+from qcompile.run.tokenizer import Tokenizer
+from qcompile.serve.app import create_app
+from qcompile.serve.server import BackgroundServer
 
 QUEUE_SIZE = 4
-
-
-@pytest.fixture(scope="module")
-def text_checkpoint(debug_checkpoint, tmp_path_factory):
-    """The debug checkpoint with tokenizer files (TEMPORARY: the byte double's marker file)."""
-    import shutil
-
-    directory = tmp_path_factory.mktemp("text") / "ckpt"
-    shutil.copytree(debug_checkpoint, directory)
-    (directory / "tokenizer.json").write_text("{}")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def text_library(libraries):
-    return libraries.get("qwen2-debug", max_seq_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +126,13 @@ def test_stop_string_seed_and_extras(client, expected):
     result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
     assert result.choices[0].finish_reason == "stop" and result.choices[0].text == text[:text.index(stop)]
 
-    def sampled(seed):
+    def sampled(seed, **extras):
         return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=seed,
-                                         extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1}
-                                         ).choices[0].text
+                                         extra_body=extras).choices[0].text
 
-    assert sampled(7) == sampled(7)
+    assert sampled(7, min_p=0.01, repetition_penalty=1.1) == sampled(7, min_p=0.01, repetition_penalty=1.1)
+    # The extra fields reach the sampler: top_k 1 (or min_p 1) leaves only the most likely token.
+    assert sampled(7, top_k=1) == text and sampled(8, min_p=1.0) == text
 
 
 def error_of(response, status=400):
@@ -257,10 +148,10 @@ BAD_REQUESTS = [  # (path, raw body, the field the error names)
     ("/v1/completions", b'{"model": "gpt-4", "prompt": "hi"}', "model"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": -3}', "max_tokens"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": "8"}', "max_tokens"),
-    ("/v1/completions", b'{"prompt": "' + b"x" * 300 + b'"}', "prompt"),
-    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 255}', "max_tokens"),
-    ("/v1/completions", b'{"prompt": ""}', "prompt"),
-    ("/v1/completions", b'{"prompt": [1, 2, 99999]}', "prompt"),
+    ("/v1/completions", b'{"prompt": "' + b"hello " * 300 + b'"}', "prompt"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 256}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": ""}', None),
+    ("/v1/completions", b'{"prompt": [1, 2, 151936]}', None),
     ("/v1/completions", b'{"prompt": ["a", "b"]}', "prompt"),
     ("/v1/completions", b'{"prompt": "hi", "n": 2}', "n"),
     ("/v1/completions", b'{"prompt": "hi", "stop": 5}', "stop"),
@@ -285,7 +176,7 @@ def test_errors_through_the_openai_client_and_routes(client, server):
     with pytest.raises(openai.BadRequestError, match="gpt-4"):
         client.chat.completions.create(model="gpt-4", messages=CHAT)
     with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model="tiny", prompt="y" * 300, stream=True)
+        client.completions.create(model="tiny", prompt="hello " * 300, stream=True)
     assert error_of(httpx.get(server[0] + "/v1/nothing"), 404)["type"] == "not_found_error"
     assert error_of(httpx.get(server[0] + "/v1/completions"), 405)
     assert error_of(httpx.get(server[0] + "/v1/models/other"), 404)["code"] == "model_not_found"
@@ -430,3 +321,29 @@ def test_cli_user_errors(capsys, text_library, debug_checkpoint, text_checkpoint
         taken.listen()
         user_error("cannot listen", "serve", text_library, "--weights", text_checkpoint, "--port",
                    taken.getsockname()[1])
+
+
+def test_cli_serves_until_interrupted(text_library, text_checkpoint):
+    """The real command in its own process: it prints its address, answers the openai client, and stops
+    cleanly (status 0) on Ctrl-C."""
+    import re
+    import signal
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-m", "qcompile", "serve", str(text_library), "--weights",
+                                str(text_checkpoint), "--port", "0", "--model-name", "cli-model"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/v1 ", line)
+        assert url, line + process.stderr.read() if process.poll() is not None else line
+        client = openai.OpenAI(base_url=url.group(1) + "/v1", api_key="unused", max_retries=0, timeout=30)
+        result = client.completions.create(model="cli-model", prompt=PROMPT, max_tokens=3, temperature=0)
+        assert result.model == "cli-model" and result.usage.completion_tokens == 3
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+        assert process.stderr.read().strip().endswith("qcompile serve: stopped")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

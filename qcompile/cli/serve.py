@@ -35,5 +35,11 @@ def add(sub) -> None:
 
 
 def run(args) -> None:
-    api.serve(args.library, weights=args.weights, host=args.host, port=args.port, queue_size=args.queue_size,
-              model_name=args.model_name, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        api.serve(args.library, weights=args.weights, host=args.host, port=args.port,
+                  queue_size=args.queue_size, model_name=args.model_name, log=log)
+    except KeyboardInterrupt:  # Ctrl-C is how a server is meant to stop; uvicorn has shut down cleanly
+        log("qcompile serve: stopped")

@@ -154,11 +154,14 @@ def create_app(model: Any, tokenizer: Tokenizer, *, model_name: str | None = Non
         body = protocol.parse(request_class, await request.body())
         body.check_model(name)
         try:
-            prompt_ids = body.prompt_ids(tokenizer, model.vocab_size)
+            prompt_ids = body.prompt_ids(tokenizer)
         except UserError as e:  # e.g. a chat template that cannot render these messages
             raise bad_request(str(e), param=body.prompt_field) from None
         params = body.sampling(prompt_tokens=len(prompt_ids), max_seq_len=model.max_seq_len)
-        job = Job(lambda cancelled: generate(model, tokenizer, prompt_ids, params, cancelled=cancelled))
+        try:  # generate() checks the values and the prompt's ids before any model work
+            job = Job(lambda cancelled: generate(model, tokenizer, prompt_ids, params, cancelled=cancelled))
+        except UserError as e:
+            raise bad_request(str(e)) from None
         try:
             worker.submit(job)
         except QueueFull as e:

@@ -16,7 +16,6 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import UserError
 from ..run.generation import SamplingParams
 from ..run.tokenizer import Tokenizer
 from .errors import bad_request
@@ -102,8 +101,8 @@ class GenerationRequest(Strict):
                               param="model", code="model_not_found")
 
     def sampling(self, *, prompt_tokens: int, max_seq_len: int) -> SamplingParams:
-        """SamplingParams for a prompt of `prompt_tokens` in a context of `max_seq_len` (an APIError
-        when the prompt leaves no room or a value is out of range)."""
+        """SamplingParams for a prompt of `prompt_tokens` in a context of `max_seq_len` (an APIError when
+        they do not fit; the values' ranges are checked by `generate`, like every generation's)."""
         room = max_seq_len - prompt_tokens
         if room < 1:
             raise bad_request(f"the prompt is {prompt_tokens} tokens; the model's context is {max_seq_len} "
@@ -114,7 +113,7 @@ class GenerationRequest(Strict):
             raise bad_request(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
                               f"model's context of {max_seq_len} tokens", param="max_tokens",
                               code="context_length_exceeded")
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_k=0 if self.top_k in (None, -1) else self.top_k,
@@ -124,13 +123,9 @@ class GenerationRequest(Strict):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids))
-        try:
-            params.check()
-        except UserError as e:
-            raise bad_request(str(e)) from None
-        return params
 
-    def prompt_ids(self, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The prompt's token ids (not yet checked: `generate` checks them against the model)."""
         raise NotImplementedError
 
 
@@ -146,14 +141,8 @@ class CompletionRequest(GenerationRequest):
             return value
         raise ValueError("must be a string or a list of token ids (one prompt per request)")
 
-    def prompt_ids(self, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
-        ids = tokenizer.encode(self.prompt) if isinstance(self.prompt, str) else list(self.prompt)
-        if not ids:
-            raise bad_request("the prompt is empty", param="prompt")
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is out of range 0..{vocab_size - 1}", param="prompt")
-        return ids
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[int]:
+        return tokenizer.encode(self.prompt) if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class Message(Strict):
@@ -169,7 +158,7 @@ class ChatRequest(GenerationRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def prompt_ids(self, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[int]:
         text = tokenizer.apply_chat_template([m.model_dump() for m in self.messages], add_generation_prompt=True)
         return tokenizer.encode(text)
 

@@ -22,8 +22,10 @@ from typing import Any
 
 log = logging.getLogger("qcompile.serve")
 
-# What a job runs on the worker thread: given its cancelled() callback, the items it produces.
-Work = Callable[[Callable[[], bool]], Iterable[Any]]
+# How a job starts: given its cancelled() callback, the iterable of the items it produces. Called at
+# once, on the caller's thread, so it must only check and set up (e.g. generation.generate(), which
+# checks the request and returns a lazy iterator); iterating it, the model's work, runs on the worker.
+Start = Callable[[Callable[[], bool]], Iterable[Any]]
 
 _END = object()  # the last item of every job's output
 
@@ -45,11 +47,11 @@ class QueueFull(Exception):
 class Job:
     """One request's work: made on the event loop, run on the worker thread, its output read on the loop."""
 
-    def __init__(self, work: Work):
-        self._work = work
+    def __init__(self, start: Start):
         self._loop = asyncio.get_running_loop()
         self._output: asyncio.Queue[Any] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._items = start(self.is_cancelled)  # its checks raise here, before the job is queued
 
     def cancel(self) -> None:
         """Stop as soon as possible: skipped if still waiting, stopped at the next step if running."""
@@ -78,7 +80,7 @@ class Job:
         if self.is_cancelled():
             return "cancelled"
         try:
-            for item in self._work(self.is_cancelled):
+            for item in self._items:
                 self._put(item)
         except Exception as e:  # reported to the request's handler, which answers it; the worker lives on
             log.exception("generation failed")

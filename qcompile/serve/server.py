@@ -19,7 +19,7 @@ from ..errors import UserError
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (port 0: a free one), or a UserError naming the address."""
+    """A TCP socket listening on host:port (port 0: a free one), or a UserError naming the address."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -29,6 +29,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
     try:
         sock.bind(address)
+        sock.listen(2048)  # connections made before uvicorn runs wait in the backlog, not refused
     except OSError as e:
         sock.close()
         raise UserError(f"--port {port}: cannot listen on {host} port {port} ({e.strerror})") from None
