@@ -70,3 +70,11 @@ def test_untuned_build_schedules_decode_projections_with_the_rule(tmp_path, debu
     assert untuned.generate(prompt, 6).tolist() == tuned.generate(prompt, 6).tolist()
     ours, theirs = untuned.last_step_logits, tuned.last_step_logits  # every decode step's logits
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5
+
+
+def test_a_database_tuned_before_the_rules_does_not_override_them(debug_library):
+    """The committed databases were tuned when TVM's unscheduled lowering was candidate 0: their GEMV
+    records never competed with the rule, so the rule schedules those kernels and the database the rest."""
+    manifest = json.loads((debug_library / "manifest.json").read_text())
+    rules, tuned = manifest["cpu_rules"], manifest["tuning_database"]["kernels"]["tuned"]
+    assert rules and tuned and not set(rules) & set(tuned)

@@ -89,7 +89,8 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         f"{', '.join(str(d) for d in plan.schedules.directories) if plan.schedules else 'default only'}")
     report = lowering.ScheduleReport()
     database = plan.schedules.open() if plan.schedules else None
-    pipeline = lowering.relax_pipeline(plan.target.tvm, database, report)
+    rules_first = bool(plan.schedules and plan.schedules.predates_cpu_rules)
+    pipeline = lowering.relax_pipeline(plan.target.tvm, database, report, rules_first)
     with devicecode.build_context(plan.target):
         executable = tvm.compile(mod, plan.target.tvm, relax_pipeline=pipeline)
     if plan.schedules:

@@ -58,12 +58,18 @@ def fused(mod: Any, target: Any) -> Any:
         return tvm.transform.Sequential(passes)(mod)
 
 
-def schedule(mod: Any, target: Any, database: Any | None, report: ScheduleReport) -> Any:
-    """Stage 3 on a fused module; fills `report` when a database is applied."""
+def schedule(mod: Any, target: Any, database: Any | None, report: ScheduleReport,
+             rules_first: bool = False) -> Any:
+    """Stage 3 on a fused module; fills `report` when a database is applied. `rules_first`: the
+    database was tuned before qcompile's CPU rules existed (its records never competed with them), so
+    the kernels a rule takes get the rule, and the database serves the rest."""
     import tvm  # noqa: PLC0415
     from tvm import relax, tirx  # noqa: PLC0415
 
+    cpu = target.kind.name not in GPU_KINDS
     with target, tvm.transform.PassContext(opt_level=3):
+        if cpu and rules_first:
+            mod = cpu_default_schedules(mod, target, report)
         if database is not None:
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
@@ -71,6 +77,8 @@ def schedule(mod: Any, target: Any, database: Any | None, report: ScheduleReport
         # symbolic from static prints each kernel, so a build without one skips it).
         for gv, func in mod.functions_items() if database is not None else ():
             if not isinstance(func, tirx.PrimFunc):
+                continue
+            if gv.name_hint in report.rule:
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
                 report.tuned.append(gv.name_hint)
@@ -121,13 +129,13 @@ def _backend(target: Any) -> Any:
     return importlib.import_module(f"tvm.relax.backend.{kind}.pipeline")
 
 
-def relax_pipeline(target: Any, database: Any | None, report: ScheduleReport) -> Any:
+def relax_pipeline(target: Any, database: Any | None, report: ScheduleReport, rules_first: bool = False) -> Any:
     """The whole Relax pipeline for `tvm.compile(..., relax_pipeline=...)`."""
     import tvm  # noqa: PLC0415
 
     @tvm.transform.module_pass(opt_level=0, name="qcompile_pipeline")
     def _pipeline(mod, _ctx):
-        mod = schedule(fused(mod, target), target, database, report)
+        mod = schedule(fused(mod, target), target, database, report, rules_first)
         backend = _backend(target)
         # RewriteDataflowReshape (reshape kernels -> views) is left out: in TVM 0.27 it fails on the
         # GQA transpose of the prefill bucket ([p + 128, heads, 128], qwen-72b) "padding factor ... not

@@ -96,6 +96,14 @@ class Schedules:
     directories: tuple[Path, ...]
     digest: str  # sha256 over the files' bytes: part of the build identity
 
+    @property
+    def predates_cpu_rules(self) -> bool:
+        """Some database holds no record of a qcompile CPU rule: it was tuned before the rules were
+        candidate 0, so its records for the kernels a rule takes never competed with the rule."""
+        from .cpu_rules import RULE_ATTR  # noqa: PLC0415
+
+        return any(RULE_ATTR not in (d / RECORDS).read_text() for d in self.directories if (d / RECORDS).exists())
+
     def open(self) -> Any:
         """One MetaSchedule database over all directories (read for compile)."""
         from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
