@@ -140,6 +140,41 @@ def pixel_values(images: Any, spec: ModelSpec):
     return as_pixel_values(images, spec.config)
 
 
+# --- text --------------------------------------------------------------------------------------------
+
+def sampling_params(**fields: Any):
+    """`run.generation.SamplingParams` from its fields as keywords, checked (a UserError names the field)."""
+    from .run.generation import SamplingParams  # noqa: PLC0415
+
+    return SamplingParams.from_fields(**fields)
+
+
+def require_tokenizer(weights: str | os.PathLike) -> None:
+    """A UserError naming the checkpoint directory unless it holds HF tokenizer files; text commands
+    check this before loading any weights."""
+    from .run.tokenizer import Tokenizer  # noqa: PLC0415
+
+    Tokenizer.require(Path(weights))
+
+
+def prompt_ids(model, *, text: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """Token ids with a loaded decoder's tokenizer (its checkpoint's): of TEXT as it is, or of MESSAGES
+    ([{"role", "content"}]) rendered with the chat template up to the start of the assistant's turn."""
+    if (text is None) == (messages is None):
+        raise UserError("prompt_ids: give either text= or messages=")
+    if messages is not None:
+        text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return model.tokenizer.encode(text)
+
+
+def generate_chunks(model, prompt_ids: list[int], params, *, cancelled: Callable[[], bool] = lambda: False):
+    """Generate after PROMPT_IDS with PARAMS (from `sampling_params`): checked now, then an iterator of
+    `run.generation.Chunk` (text as it completes, token ids, finish_reason on the last)."""
+    from .run.generation import generate  # noqa: PLC0415
+
+    return generate(model, model.tokenizer, prompt_ids, params, cancelled=cancelled)
+
+
 def serve(library: str | os.PathLike, *, weights: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
           queue_size: int = 16, model_name: str | None = None, log: Log = print) -> None:
     """Serve a decoder LIBRARY with the HF checkpoint WEIGHTS (which holds its tokenizer files) over an

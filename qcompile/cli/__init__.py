@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import (bench, check, compile, demo, init_weights, inspect, registry, run, serve, targets, tune,
+from . import (bench, chat, check, compile, demo, init_weights, inspect, registry, run, serve, targets, tune,
                zoo)
 from .common import Parser
 
 # In the order `qcompile --help` lists them.
-SUBCOMMANDS = (zoo, targets, inspect, compile, tune, bench, check, init_weights, run, serve, registry, demo)
+SUBCOMMANDS = (zoo, targets, inspect, compile, tune, bench, check, init_weights, run, chat, serve, registry, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

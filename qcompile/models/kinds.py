@@ -22,7 +22,8 @@ class Kind:
     dynamic_dim: str  # ... and that dimension's name
     has_sequence: bool  # prefill/decode over a KV cache: max_seq_len and prefill_chunk apply
     outputs_logits: bool  # outputs are logits [positions, vocab] (else features)
-    run_flags: tuple[str, ...]  # `qcompile run` flags for this kind; the first is required
+    run_flags: tuple[str, ...]  # `qcompile run` flags for this kind
+    run_inputs: tuple[str, ...]  # of those, the inputs: exactly one is required
 
     def bucket_sizes(self, device: str, prefill_chunk: int | None) -> list[int]:
         raise NotImplementedError
@@ -112,6 +113,7 @@ class EncoderKind(Kind):
 
 
 DECODER = DecoderKind("decoder", bucketed="prefill", dynamic_dim="n", has_sequence=True, outputs_logits=True,
-                      run_flags=("--prompt-ids", "--logits-out", "--eos-id"))
+                      run_flags=("--prompt-ids", "--prompt", "--logits-out", "--eos-id"),
+                      run_inputs=("--prompt", "--prompt-ids"))
 ENCODER = EncoderKind("encoder", bucketed="encode", dynamic_dim="batch", has_sequence=False,
-                      outputs_logits=False, run_flags=("--image", "--features-out"))
+                      outputs_logits=False, run_flags=("--image", "--features-out"), run_inputs=("--image",))

@@ -100,14 +100,16 @@ def top_p(c: Candidates, p: float, first_guess: int = 256) -> Candidates:
     probable than it is below `p` (so the most probable token always stays).
 
     Only the most probable candidates are sorted: a partition picks the top m; if their mass reaches
-    `p` the kept set lies among them, else m grows eightfold (for a flat distribution up to all)."""
+    `p` the kept set lies among them, else m grows eightfold (for a flat distribution up to all).
+    *Where tokens of exactly equal probability straddle the edge, HF keeps those its (unstable) torch
+    sort happens to put last; here the lower ids. The same number of each value is kept either way."""
     if p >= 1.0:
         return c
     probs = _probabilities(c.logits)
     n, m = probs.size, min(first_guess, probs.size)
     while True:
         top = np.argpartition(probs, n - m)[n - m:] if m < n else np.arange(n)
-        top = top[np.argsort(-probs[top], kind="stable")]
+        top = top[np.argsort(-probs[top], kind="stable")]  # exact ties: the lower id first*
         mass_before = np.cumsum(probs[top], dtype=np.float64) - probs[top]  # mass of more probable tokens
         kept = int(np.count_nonzero(mass_before < p))
         if kept < m or m == n:

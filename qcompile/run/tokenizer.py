@@ -87,13 +87,18 @@ class Tokenizer:
         return (directory / TOKENIZER_FILE).is_file() or (
             (directory / VOCAB_FILE).is_file() and (directory / MERGES_FILE).is_file())
 
+    @staticmethod
+    def require(directory: Path) -> None:
+        """A UserError naming `directory` unless it is a directory with tokenizer files."""
+        if not Path(directory).is_dir():
+            raise UserError(f"{directory}: checkpoint directory not found")
+        if not Tokenizer.present(directory):
+            raise UserError(f"{directory}: no tokenizer files ({TOKENIZER_FILE}, or {VOCAB_FILE} + {MERGES_FILE})")
+
     @classmethod
     def from_directory(cls, directory: Path) -> Tokenizer:
         directory = Path(directory)
-        if not directory.is_dir():
-            raise UserError(f"{directory}: checkpoint directory not found")
-        if not cls.present(directory):
-            raise UserError(f"{directory}: no tokenizer files ({TOKENIZER_FILE}, or {VOCAB_FILE} + {MERGES_FILE})")
+        cls.require(directory)
         config = _read_optional_json(directory / CONFIG_FILE)
         backend = _read_backend(directory, config)
         return cls(backend, template=_chat_template(directory, config), special_tokens=_special_tokens(config),
