@@ -244,6 +244,21 @@ def test_full_queue_answers_429_with_retry_after(gated_server):
     assert worker.snapshot() | {"rejected": 1, "completed": 2} == worker.snapshot()
 
 
+def test_a_client_that_leaves_while_waiting_is_skipped(gated_server):
+    url, worker, gated = gated_server
+    gated.gate.clear()
+    running = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
+                               kwargs={"json": {"prompt": "hi", "max_tokens": 2}, "timeout": 30})
+    running.start()
+    wait_for(lambda: worker.snapshot()["running"] == 1)
+    with pytest.raises(httpx.ReadTimeout):  # waits behind the running one, then gives up
+        httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=httpx.Timeout(30, read=0.3))
+    gated.gate.set()
+    running.join(30)
+    wait_for(lambda: worker.snapshot()["waiting"] == 0 and worker.snapshot()["running"] == 0)
+    assert (worker.counts.completed, worker.counts.cancelled) == (1, 1)  # it never reached the model
+
+
 def test_disconnect_frees_the_model(gated_server):
     """A client that leaves mid-stream (or mid-wait for a whole answer) cancels its generation at once:
     the next request is served promptly, not after the ~10 s the abandoned one would still have taken."""

@@ -42,4 +42,5 @@ def run(args) -> None:
         api.serve(args.library, weights=args.weights, host=args.host, port=args.port,
                   queue_size=args.queue_size, model_name=args.model_name, log=log)
     except KeyboardInterrupt:  # Ctrl-C is how a server is meant to stop; uvicorn has shut down cleanly
-        log("qcompile serve: stopped")
+        pass
+    log("qcompile serve: stopped")

@@ -59,7 +59,7 @@ async def _whole(request: Request, job: Job, reply: protocol.Reply, prompt_token
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         chunks: list[Chunk] = [chunk async for chunk in job.output()]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (the worker's error, whatever it is, answered as an HTTP error)
         raise _as_api_error(e) from None
     finally:
         watcher.cancel()
@@ -84,7 +84,7 @@ async def _events(job: Job, reply: protocol.Reply, prompt_tokens: int) -> AsyncI
                     yield _event(reply.chunk(chunk.text))
                 if chunk.finish_reason is not None:
                     yield _event(reply.chunk("", chunk.finish_reason))
-        except Exception as e:  # after the headers went out, an error is the stream's last event
+        except Exception as e:  # noqa: BLE001 (after the headers went out, an error is the stream's last event)
             yield _event(_as_api_error(e).body())
         else:
             if reply.include_usage:
