@@ -23,7 +23,8 @@ HOST = _target(tvm.target.codegen.llvm_get_system_cpu())
 
 
 def _decode_projection(rows: int, depth: int, n: int = 1):
-    """y[n, rows] = x[n, depth] . W[rows, depth]^T + b: the fused kernel a decode projection lowers to."""
+    """y[n, rows] = x[n, depth] . W[rows, depth]^T + b: the fused kernel a projection lowers to (n = 1 in a
+    decode step, the chunk in a prefill bucket)."""
     x = te.placeholder((n, depth), "float32", name="x")
     w = te.placeholder((rows, depth), "float32", name="w")
     b = te.placeholder((rows,), "float32", name="b")
@@ -38,22 +39,23 @@ def test_vector_lanes_follow_the_target():
     assert cpu_rules.vector_lanes(_target("haswell")) == 8
 
 
-@pytest.mark.parametrize("rows,depth", [(1152, 896), (64, 4864), (8, 64)])
-def test_gemv_rule_computes_the_same_numbers(rows, depth):
-    found = cpu_rules.default_schedule(_decode_projection(rows, depth), HOST)
-    assert found is not None and found[0] == "gemv"
+@pytest.mark.parametrize("n,rows,depth,rule", [(1, 1152, 896, "gemv"), (1, 64, 4864, "gemv"), (1, 8, 64, "gemv"),
+                                                (128, 64, 896, "gemm"), (12, 16, 96, "gemm")])
+def test_rules_compute_the_same_numbers(n, rows, depth, rule):
+    found = cpu_rules.default_schedule(_decode_projection(rows, depth, n), HOST)
+    assert found is not None and found[0] == rule
     run = tvm.compile(found[1].mod, target=HOST).jit()["main"]
     rng = np.random.default_rng(0)
-    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((1, depth), (rows, depth), (rows,)))
-    out = tvm.runtime.tensor(np.zeros((1, rows), np.float32))
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((n, depth), (rows, depth), (rows,)))
+    out = tvm.runtime.tensor(np.zeros((n, rows), np.float32))
     run(*(tvm.runtime.tensor(a) for a in (x, w, b)), out)
     ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
     assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-6
 
 
-@pytest.mark.parametrize("n,rows,depth", [(8, 64, 64), (1, 64, 60), (1, 6, 64)])
-def test_gemv_rule_declines_other_shapes(n, rows, depth):
-    """A prefill matmul (8 rows of input), a depth no vector width divides, too few rows for a block."""
+@pytest.mark.parametrize("n,rows,depth", [(6, 64, 64), (1, 64, 60), (1, 6, 64)])
+def test_rules_decline_other_shapes(n, rows, depth):
+    """Input rows no register tile divides, a depth no vector width divides, weight rows likewise."""
     assert cpu_rules.default_schedule(_decode_projection(rows, depth, n), HOST) is None
 
 
@@ -61,7 +63,7 @@ def test_untuned_build_schedules_decode_projections_with_the_rule(tmp_path, debu
     manifest = qcompile.compile_model("qwen2-debug", out=tmp_path / "lib", max_seq_len=32, use_schedules=False,
                                       log=lambda _m: None)
     rules = manifest["cpu_rules"]
-    assert rules and set(rules.values()) == {"gemv"} and all("matmul" in name for name in rules)
+    assert set(rules.values()) == {"gemv", "gemm"} and all("matmul" in name for name in rules)
     saved = json.loads((tmp_path / "lib" / "manifest.json").read_text())["cpu_rules"]
     assert saved == rules
     untuned = qcompile.load(tmp_path / "lib", weights=debug_checkpoint)

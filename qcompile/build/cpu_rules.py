@@ -8,10 +8,15 @@ so tuning only ever replaces it with something faster.
 
 Rules (each returns None when the kernel is not of its class):
   gemv   y[1, N] = x[1, K] . W[N, K]^T (+ elementwise epilogues): the decode projections and the LM
-         head. Each thread takes blocks of ROWS output rows; for a block it streams the rows' weights
-         (contiguous along K) once, accumulating ROWS x LANES partial sums in registers (the reduction
-         split into K/LANES steps of LANES lanes, an rfactor), then adds the lanes up and applies the
-         epilogue while the block's results are hot.
+         head. Each thread takes blocks of GEMV_ROWS output rows; for a block it streams the rows'
+         weights (contiguous along K) once, accumulating rows x lanes partial sums in registers (the
+         reduction split into K/lanes steps of `vector_lanes` lanes, an rfactor), then adds the lanes up
+         and applies the epilogue while the block's results are hot.
+  gemm   the same product for a static number of input rows n > 1 (the prefill bucket): register tiles
+         of GEMM_TILE = (input rows, weight rows) with GEMM_LANES-lane partial sums each; threads take
+         weight-row blocks, and each block's weights stay in L1 while every input-row block passes.
+         (Measured on a 128x896 . 4864x896 product, one thread: 90 GFLOP/s with tile 4x4 and 8 lanes;
+         16 lanes, or tiles of 2x8, 8x4, 4x8, ran at 42-68.)
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 RULE_ATTR = "qcompile.cpu_rule"  # block annotation: which rule scheduled the kernel (the trace keeps it)
-GEMV_ROWS = 4  # output rows per register block (4 rows x LANES partial sums live in vector registers)
+GEMV_ROWS = 4  # output rows per register block (4 rows x lanes partial sums live in vector registers)
+GEMM_TILE = (4, 4)  # (input rows, weight rows) per register tile: 16 accumulators of GEMM_LANES lanes
+GEMM_LANES = 8
 
 
 def vector_lanes(target: Any) -> int:
@@ -41,7 +48,20 @@ def _blocks(sch: Any) -> list[Any]:
 
 
 def gemv(func: Any, target: Any) -> Any | None:
-    """The schedule described above for a decode matrix-vector product, or None."""
+    """The decode matrix-vector schedule described above, or None."""
+    return _nt_matmul(func, rows_per_block=1, weight_rows=GEMV_ROWS, lanes=vector_lanes(target), rule="gemv")
+
+
+def gemm(func: Any, target: Any) -> Any | None:
+    """The prefill matrix-matrix schedule described above, or None (one input row: that is `gemv`)."""
+    return _nt_matmul(func, rows_per_block=GEMM_TILE[0], weight_rows=GEMM_TILE[1], lanes=GEMM_LANES,
+                      rule="gemm")
+
+
+def _nt_matmul(func: Any, *, rows_per_block: int, weight_rows: int, lanes: int, rule: str) -> Any | None:
+    """y[n, N] = x[n, K] . W[N, K]^T (+ elementwise epilogues) with static shapes, scheduled as register
+    tiles of (rows_per_block input rows) x (weight_rows weight rows) x lanes partial sums. n == 1 for
+    rows_per_block 1 (gemv), n > 1 and divisible by rows_per_block otherwise."""
     from tvm import s_tir  # noqa: PLC0415
 
     sch = s_tir.Schedule(func)
@@ -55,32 +75,33 @@ def gemv(func: Any, target: Any) -> Any | None:
     block = reductions[0]
     loops = sch.get_loops(block)
     extents = [_const(sch.get(loop).extent) for loop in loops]
-    if len(loops) != 3 or None in extents or extents[0] != 1:
+    if len(loops) != 3 or None in extents:
         return None
-    _, rows, depth = extents
-    lanes = vector_lanes(target)
-    if not _reads_rows_along_k(sch, block) or depth % lanes or rows % GEMV_ROWS:
+    n, rows, depth = extents
+    if (n == 1) != (rows_per_block == 1) or n % rows_per_block or rows % weight_rows or depth % lanes:
         return None
-    if any(not _is_elementwise(sch, b) for b in blocks[1:]):
+    if not _reads_rows_along_k(sch, block) or any(not _is_elementwise(sch, b) for b in blocks[1:]):
         return None
-    batch, n, k = loops
-    k_outer, k_lane = sch.split(k, [None, lanes])
-    partial = sch.rfactor(k_lane, factor_axis=2)  # partial[1, N, lanes]: the lanes' running sums
-    sch.annotate(partial, RULE_ATTR, "gemv")
-    batch, n, k_outer, k_lane = sch.get_loops(partial)
-    n_outer, n_inner = sch.split(n, [None, GEMV_ROWS])
-    sch.reorder(batch, n_outer, k_outer, n_inner, k_lane)
-    sch.parallel(sch.fuse(batch, n_outer))
+    k_outer, k_lane = sch.split(loops[2], [None, lanes])
+    partial = sch.rfactor(k_lane, factor_axis=2)  # partial[n, N, lanes]: the lanes' running sums
+    sch.annotate(partial, RULE_ATTR, rule)
+    i, j, k_outer, k_lane = sch.get_loops(partial)
+    i_outer, i_inner = sch.split(i, [None, rows_per_block])
+    j_outer, j_inner = sch.split(j, [None, weight_rows])
+    # Threads take weight-row blocks; under one, every input-row block reuses its weights from L1.
+    sch.reorder(j_outer, i_outer, k_outer, i_inner, j_inner, k_lane)
+    sch.parallel(j_outer)
     sch.set_scope(partial, 0, "local")
-    outer = sch.get_loops(partial)[0]
-    final = sch.get_sblock(sch.get(block).name_hint)
-    sch.reverse_compute_at(final, outer)
+    tile = sch.get_loops(partial)[1]  # i_outer: one register tile's results are complete under it
+    sch.reverse_compute_at(sch.get_sblock(sch.get(block).name_hint), tile)
     for epilogue in blocks[1:]:
-        sch.reverse_compute_at(epilogue, outer)
-    sch.decompose_reduction(partial, sch.get_loops(partial)[1])
-    # The block's rows are independent accumulators: unrolled. The lane loop stays a plain loop that LLVM
-    # vectorises (s_tir refuses to vectorise a reduction's update block: "no compact dataflow").
-    sch.unroll(sch.get_loops(partial)[-2])
+        sch.reverse_compute_at(epilogue, tile)
+    sch.decompose_reduction(partial, sch.get_loops(partial)[2])
+    # The tile's rows and weight rows are independent accumulators: unrolled. The lane loop stays a plain
+    # loop that LLVM vectorises (s_tir refuses to vectorise a reduction's update: "no compact dataflow").
+    update = sch.get_loops(partial)
+    sch.unroll(update[-2])
+    sch.unroll(update[-3])
     return sch
 
 
@@ -108,7 +129,7 @@ def _reads_rows_along_k(sch: Any, block: Any) -> bool:
     return False
 
 
-RULES = {"gemv": gemv}
+RULES = {"gemv": gemv, "gemm": gemm}
 
 
 def default_schedule(func: Any, target: Any) -> tuple[str, Any] | None:
