@@ -98,8 +98,8 @@ class Library:
         with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:
             library = verify_library(directory, manifest, Path(private))  # before reading any weight
             _check_checkpoint_matches(self.spec, weights)
-            arrays = load_parameters(self.spec, weights, params)
-            self._params = [tvm.runtime.tensor(a, self.device) for a in arrays]
+            # One parameter at a time: read, copied to the device, dropped (peak: the weights once + one).
+            self._params = [tvm.runtime.tensor(a, self.device) for a in load_parameters(self.spec, weights, params)]
             module = tvm.runtime.load_module(str(library))  # mapped: the copy may go once loaded
         self._vm = relax.VirtualMachine(module, self.device)
         self._tensor = tvm.runtime.tensor

@@ -7,7 +7,7 @@ tensors fill each library parameter (fused ones are concatenated along axis 0).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 checkpoints read)
@@ -51,8 +51,10 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 
 
 def load_parameters(spec: ModelSpec, directory: Path,
-                    params: Iterable[tuple[str, list[int], str]]) -> list[np.ndarray]:
-    """The library's parameters (name, shape, dtype), in order, filled from an HF checkpoint.
+                    params: Iterable[tuple[str, list[int], str]]) -> Iterator[np.ndarray]:
+    """The library's parameters (name, shape, dtype), in order, filled from an HF checkpoint, one at a
+    time: the caller moves each to the device before the next is read, so loading holds the device copy
+    and one parameter, not a second copy of the model.
 
     Every checkpoint tensor must be used and have its HF shape; errors name the tensor. A fused tensor
     the family declares (`checkpoint_views`) stands for the HF tensors it contains.
@@ -77,17 +79,17 @@ def load_parameters(spec: ModelSpec, directory: Path,
     sources = {name: (name, None) for name in files}
     for fused in (v for v in views if v in files):
         sources |= {name: (fused, index) for name, index in views[fused].items()}
-    handles: dict[Path, object] = {}
     last_read: dict[str, np.ndarray] = {}  # one stored tensor: a fused one is sliced many times
 
     def stored(name: str) -> np.ndarray:
+        # The file is opened per tensor: safetensors maps it, and a mapping kept open for the whole load
+        # would hold every tensor's pages resident beside the device copy (a second copy of the model).
         if name not in last_read:
             path = files[name]
             try:
-                if path not in handles:
-                    handles[path] = safe_open(path, framework="numpy")
                 last_read.clear()
-                last_read[name] = handles[path].get_tensor(on_disk[name])
+                with safe_open(path, framework="numpy") as f:
+                    last_read[name] = f.get_tensor(on_disk[name])
             except (SafetensorError, OSError) as e:
                 raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
         return last_read[name]
@@ -111,14 +113,12 @@ def load_parameters(spec: ModelSpec, directory: Path,
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     mapping = spec.family.weight_map(spec.config)
-    out = []
     for name, shape, dtype in params:
         array = assemble(mapping[name])
         if array.shape != tuple(shape) and array.squeeze().shape == tuple(d for d in shape if d != 1):
             array = array.reshape(shape)  # unit axes differ only: HF's [1, 1, width] cls token, say
         assert list(array.shape) == list(shape), (name, array.shape, shape)  # a family bug, not input
-        out.append(np.ascontiguousarray(array.astype(dtype, copy=False)))
-    return out
+        yield np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
 def random_tensors(spec: ModelSpec, *, seed: int, std: float) -> Iterable[tuple[str, np.ndarray]]:
