@@ -12,7 +12,7 @@ import sys
 
 from .. import api
 from ..errors import UserError
-from .common import add_runnable, load_runnable, non_negative_int
+from .common import add_runnable, add_threads, load_runnable, non_negative_int
 from .sampling import add_sampling_options, sampling_fields
 
 RESET = "/reset"
@@ -25,10 +25,12 @@ def add(sub) -> None:
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256,
                    help="longest reply in tokens (256; less when the context is nearly full)")
     add_sampling_options(p)
+    add_threads(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
+    api.set_threads(args.threads)
     params = api.sampling_params(**sampling_fields(args), max_tokens=args.max_new_tokens)
     spec, library = api.describe_runnable(args.library)
     if spec.kind.name != "decoder":
