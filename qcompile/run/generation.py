@@ -23,17 +23,19 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 @dataclasses.dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    """How one request generates (the defaults: greedy, 16 tokens). Semantics in `run.sampling`."""
+
+    max_tokens: int = 16  # new tokens at most
     temperature: float = 0.0  # 0 means greedy (argmax)
     top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = dataclasses.field(default_factory=list)
-    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # HF's, over prompt and generated tokens; 1: off
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens
+    frequency_penalty: float = 0.0  # OpenAI's, over generated tokens
+    seed: int | None = None  # None: a fresh random draw
+    stop: list[str] = dataclasses.field(default_factory=list)  # texts that end generation (not returned)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # besides the tokenizer's eos ids
 
     @classmethod
     def from_fields(cls, **fields: Any) -> SamplingParams:
@@ -51,23 +53,22 @@ class SamplingParams:
         def fail(name: str, rule: str) -> None:
             raise UserError(f"sampling: field {name!r} must be {rule}, got {getattr(self, name)!r}")
 
-        def number(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False,
-                   rule: str = "") -> None:
+        def number(name: str, rule: str, within: Callable[[float], bool]) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < low or (low_open and value == low) or value > high or (high_open and value == high):
+                    or not within(value):
                 fail(name, rule)
 
         for name in ("max_tokens", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(name, "an integer >= 0")
-        number("temperature", 0.0, math.inf, high_open=True, rule="a finite number >= 0")
-        number("top_p", 0.0, 1.0, low_open=True, rule="in (0, 1]")
-        number("min_p", 0.0, 1.0, rule="in [0, 1]")
-        number("repetition_penalty", 0.0, math.inf, low_open=True, high_open=True, rule="a finite number > 0")
+        number("temperature", "a finite number >= 0", lambda v: v >= 0)
+        number("top_p", "in (0, 1]", lambda v: 0 < v <= 1)
+        number("min_p", "in [0, 1]", lambda v: 0 <= v <= 1)
+        number("repetition_penalty", "a finite number > 0", lambda v: v > 0)
         for name in ("presence_penalty", "frequency_penalty"):
-            number(name, -2.0, 2.0, rule="in [-2, 2]")
+            number(name, "in [-2, 2]", lambda v: -2 <= v <= 2)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             fail("seed", "an integer or null")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
