@@ -270,14 +270,16 @@ def check(models: list[str], targets: list[str], *, workdir: str | os.PathLike, 
 
 def bench(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, vs_torch: bool = False,
           prompt_len: int = 128, decode_tokens: int = 32, repeats: int = 5,
-          workdir: str | os.PathLike = "build/bench", skip: tuple[str, ...] = (), log: Log = print):
-    """Speed side by side on this machine (see `measure.bench`). Returns (report, table header, rows)."""
+          workdir: str | os.PathLike = "build/bench", skip: tuple[str, ...] = (), profile: bool = False,
+          log: Log = print):
+    """Speed side by side on this machine (see `measure.bench`). Returns (report, table header, rows,
+    profile tables: [(title, header, rows)] per profiled call when `profile`)."""
     from .measure import bench as benchmark  # noqa: PLC0415
 
     report = benchmark.bench(os.fspath(model), target=target, vs_torch=vs_torch, prompt_len=prompt_len,
                              decode_tokens=decode_tokens, repeats=repeats, workdir=Path(workdir), skip=skip,
-                             log=log)
-    return report, *benchmark.table(report)
+                             profile=profile, log=log)
+    return report, *benchmark.table(report), benchmark.profile_rows(report)
 
 
 def demo(model: str, *, workdir: str | os.PathLike, prompt_len: int, max_new_tokens: int, seed: int,

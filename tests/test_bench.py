@@ -9,8 +9,8 @@ import sys
 
 def test_bench_reports_engines_limits_and_fractions(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qcompile", "bench", "qwen2-debug", "--repeats", "1",
-                          "--decode-tokens", "4", "--prompt-len", "16", "--workdir", str(tmp_path), "--json"],
-                         capture_output=True, text=True)
+                          "--decode-tokens", "4", "--prompt-len", "16", "--workdir", str(tmp_path), "--profile",
+                          "--threads", "2", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert set(report["engines"]) == {"qcompile-tuned", "qcompile-default"}
@@ -21,6 +21,14 @@ def test_bench_reports_engines_limits_and_fractions(tmp_path):
         assert figures["prefill_seconds"] > 0 and figures["decode_tokens_per_s"] > 0
         assert 0 < figures["decode_fraction_of_limit"] and 0 < figures["prefill_fraction_of_limit"]
         assert figures["peak_rss_bytes"] > 50e6  # its own process: TVM and the weights at least
+        # the read-bandwidth probe is a bound no engine beats
+        assert figures["decode_fraction_of_limit"] < 1
+        for call in ("prefill", "decode"):  # --profile: where one call's time goes
+            measured = figures["profile"][call]
+            kernels = measured["kernels"]
+            assert kernels and sum(k["seconds"] for k in kernels) <= measured["seconds"]
+            assert any("matmul" in k["kernel"] for k in kernels)
+    assert report["machine"]["threads"] == 2
 
 
 def test_bench_rejects_a_bad_prompt_length(tmp_path):

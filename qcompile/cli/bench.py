@@ -28,6 +28,9 @@ def add(sub) -> None:
                    help="engines to leave out, comma-separated (e.g. qcompile-default: minutes per run)")
     p.add_argument("--workdir", type=Path, default=Path("build/bench"),
                    help="random-weight checkpoints are kept here (build/bench)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time one prefill, one decode step (or one encode) of each qcompile engine "
+                        "kernel by kernel and print the costliest")
     add_threads(p)
     p.add_argument("--json", action="store_true", help="JSON only")
     p.set_defaults(func=run)
@@ -35,10 +38,11 @@ def add(sub) -> None:
 
 def run(args) -> None:
     api.set_threads(args.threads)  # the engines' child processes inherit it
-    report, header, rows = api.bench(args.model, target=args.target, vs_torch=args.vs == "torch",
+    report, header, rows, profiles = api.bench(args.model, target=args.target, vs_torch=args.vs == "torch",
                                      prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                                      repeats=args.repeats, workdir=args.workdir, log=progress(args),
-                                     skip=tuple(args.skip.split(",")) if args.skip else ())
+                                     skip=tuple(args.skip.split(",")) if args.skip else (),
+                                     profile=args.profile)
     if args.json:
         return emit_json(report)
     machine = report["machine"]
@@ -49,4 +53,7 @@ def run(args) -> None:
     print(f"measured here: read bandwidth {machine['read_bytes_per_s'] / 1e9:.1f} GB/s (best of {probes}), "
           f"float32 matmul peak {machine['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s")
     print_table(rows, header)
+    for title, profile_header, profile_rows in profiles:
+        print(f"\n{title}")
+        print_table(profile_rows, profile_header)
     print(json.dumps(report))

@@ -80,8 +80,9 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def run_engine(engine: str, *, library: str | None, checkpoint: str, prompt_len: int, decode_tokens: int,
-               repeats: int) -> dict[str, Any]:
-    """Measure one engine in this process; returns its figures."""
+               repeats: int, profile: bool = False) -> dict[str, Any]:
+    """Measure one engine in this process; returns its figures (with `profile`, a qcompile engine also
+    reports where one decode step, a prefill and an encode go, kernel by kernel)."""
     rng = np.random.default_rng(0)
     spec = resolve_model(checkpoint)
     if engine.startswith("qcompile"):
@@ -89,10 +90,11 @@ def run_engine(engine: str, *, library: str | None, checkpoint: str, prompt_len:
         run = _qcompile_calls(model)
     else:
         run = _torch_calls(engine, Path(checkpoint), spec)
+    profiled = _profile(run.model, spec, rng, prompt_len) if profile and engine.startswith("qcompile") else {}
     if not spec.kind.has_sequence:
         pixels = spec.kind.random_inputs(spec, rng, 1)
         run.encode(pixels)  # warm
-        return {"encode_seconds": _median_seconds(lambda: run.encode(pixels), repeats)}
+        return {"encode_seconds": _median_seconds(lambda: run.encode(pixels), repeats), **profiled}
     prompt = spec.kind.random_inputs(spec, rng, prompt_len)
     run.prefill(prompt)  # warm
     prefill = _median_seconds(lambda: run.prefill(prompt), repeats)
@@ -105,7 +107,30 @@ def run_engine(engine: str, *, library: str | None, checkpoint: str, prompt_len:
         return time.perf_counter() - start
     decode_run()  # warm (torch.compile specialises on the first decode shapes)
     return {"prefill_seconds": prefill,
-            "decode_tokens_per_s": decode_tokens / statistics.median(decode_run() for _ in range(repeats))}
+            "decode_tokens_per_s": decode_tokens / statistics.median(decode_run() for _ in range(repeats)),
+            **profiled}
+
+
+PROFILE_TOP = 12  # kernels kept per profiled call
+
+
+def _profile(model: Any, spec: ModelSpec, rng: np.random.Generator, prompt_len: int) -> dict[str, Any]:
+    """Per-kernel times of one call of each entry point (after a warm-up call)."""
+    from ..run.profile import kernel_times  # noqa: PLC0415
+
+    if not spec.kind.has_sequence:
+        pixels = spec.kind.random_inputs(spec, rng, 1)
+        model.encode(pixels)
+        calls = {"encode": lambda: model.encode(pixels)}
+    else:
+        prompt = spec.kind.random_inputs(spec, rng, prompt_len)
+        model.prefill(prompt)
+        calls = {"prefill": lambda: model.prefill(prompt), "decode": lambda: model.decode(1)}
+    out = {}
+    for name, call in calls.items():
+        wall, kernels = kernel_times(model, call)
+        out[name] = {"seconds": wall, "kernels": kernels[:PROFILE_TOP]}
+    return {"profile": out}
 
 
 class _qcompile_calls:
@@ -169,7 +194,7 @@ def _child(engine: str, args: dict[str, Any]) -> dict[str, Any]:
 
 # --- the whole comparison ---------------------------------------------------------------------------
 
-def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len: int = 128,
+def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len: int = 128, profile: bool = False,
           decode_tokens: int = 32, repeats: int = 5, workdir: Path = Path("build/bench"),
           skip: tuple[str, ...] = (), log=print) -> dict[str, Any]:
     """Build both libraries (registry: reused when unchanged), write random weights once, measure."""
@@ -200,7 +225,7 @@ def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len
     log(f"measuring read bandwidth and matmul peak ({threads.count()} threads)")
     machine = measure_machine(threads.count())
     args = {"checkpoint": str(checkpoint), "prompt_len": prompt_len,
-            "decode_tokens": decode_tokens, "repeats": repeats}
+            "decode_tokens": decode_tokens, "repeats": repeats, "profile": profile}
     results = {}
     engines = [e for e in ENGINES + (TORCH_ENGINES if vs_torch else ()) if e not in skip]
     if set(skip) - set(ENGINES + TORCH_ENGINES):
@@ -232,6 +257,18 @@ def _add_fractions(figures: dict[str, Any], limits: dict[str, float]) -> None:
     for key in ("prefill_seconds", "encode_seconds"):
         if key in figures:
             figures[key.replace("seconds", "fraction_of_limit")] = limits[key] / figures[key]
+
+
+def profile_rows(report: dict[str, Any]) -> list[tuple[str, str, list[list[str]]]]:
+    """Per profiled (engine, call): a title and rows [kernel, calls, ms, share of the call]."""
+    out = []
+    for engine, figures in report["engines"].items():
+        for call, measured in (figures.get("profile") or {}).items():
+            title = f"{engine}: one {call} call, {measured['seconds'] * 1e3:.1f} ms; costliest kernels"
+            rows = [[k["kernel"], str(k["calls"]), f"{k['seconds'] * 1e3:.2f}",
+                     f"{k['seconds'] / measured['seconds']:.0%}"] for k in measured["kernels"]]
+            out.append((title, ["KERNEL", "CALLS", "ms", "OF CALL"], rows))
+    return out
 
 
 def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
