@@ -39,5 +39,6 @@ def sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def given_sampling_flags(args: argparse.Namespace) -> list[str]:
-    return [flag for flag, (field, _kind, _help) in {**FLAGS, "--stop": ("stop", list, "")}.items()
-            if getattr(args, field) is not None]
+    """The sampling flags on the command line (for refusing them where they do not apply)."""
+    given = [flag for flag, (field, _kind, _help) in FLAGS.items() if getattr(args, field) is not None]
+    return given + (["--stop"] if args.stop is not None else [])
