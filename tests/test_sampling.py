@@ -70,7 +70,7 @@ def test_top_k(kind, k):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.8, 0.95, 0.999])
 def test_top_p(kind, p):
-    """Includes flat logits, where the kept set is far beyond the first guess of candidates.
+    """Includes flat logits (a random model's), where top-p keeps most of the vocabulary.
 
     Both keep the most probable tokens, up to where the mass of the ones before reaches p. HF sums the
     151,936 float32 probabilities from the least probable up, so a token whose predecessors' mass equals
