@@ -102,6 +102,30 @@ def atomic_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """For tools that write a file by name (an external program, a writer that opens its own file):
+    yield a temporary path beside `path`; when the block succeeds it is fsync'd and renamed to `path`,
+    otherwise removed."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"{path.parent}: cannot write here ({e.strerror})") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_file(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
