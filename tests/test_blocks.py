@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend import nn
 
-from qcompile.models import layers, vit
+from qcompile.models import layers, vit, vit_graph
 
 from .conftest import CPU_TOLERANCE, max_rel_diff
 
@@ -356,7 +356,7 @@ def encoder_pair(request, tmp_path_factory):
     cfg = vit.ViTConfig(**vit.config_from_hf(hf_config.to_dict(), "test"))
     cfg.check("test")
     assert (cfg.weight_layout, cfg.hidden_act, cfg.layer_norm_eps) == (layout, act, hf_config.layer_norm_eps)
-    vm, names = _compile_block(vit.EncoderBlock(cfg, F32),
+    vm, names = _compile_block(vit_graph.EncoderBlock(cfg, F32),
                                {"forward": {"x": nn.spec.Tensor(["b", "t", 64], F32), "$": PLAIN}})
     weights = {ours.removeprefix("blocks.0."): [torch.from_numpy(tensors[name]) for name in theirs]
                for ours, theirs in vit.weight_map(cfg).items() if ours.startswith("blocks.0.")}

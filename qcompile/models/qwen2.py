@@ -12,8 +12,7 @@ from typing import Any
 
 from ..errors import UserError
 from . import decoder
-from .decoder import CausalLM, DecoderConfig, DecoderLayer, Shapes
-from .layers import SwiGLU
+from .decoder import DecoderConfig, Shapes
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 
@@ -67,8 +66,12 @@ def config_from_hf(hf: dict[str, Any], where: str, directory=None) -> dict[str, 
     return decoder.config_from_hf(Qwen2Config, hf, where, HF_DEFAULTS)
 
 
-def build(cfg: Qwen2Config, dtype: str) -> CausalLM:
-    layers = [DecoderLayer(cfg, decoder.attention(cfg, window, dtype, qkv_bias=True),
+def build(cfg: Qwen2Config, dtype: str):
+    """The Relax module (`decoder_graph.CausalLM`); TVM's compiler is imported only here."""
+    from .decoder_graph import CausalLM, DecoderLayer, attention  # noqa: PLC0415
+    from .layers import SwiGLU  # noqa: PLC0415
+
+    layers = [DecoderLayer(cfg, attention(cfg, window, dtype, qkv_bias=True),
                            SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype), dtype)
               for window in cfg.layer_windows()]
     return CausalLM(cfg, layers, dtype)

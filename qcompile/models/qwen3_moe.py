@@ -14,8 +14,7 @@ from typing import Any
 from ..errors import UserError
 from ..spec.schema import positive
 from . import decoder
-from .decoder import CausalLM, DecoderConfig, DecoderLayer, Shapes
-from .layers import SparseMoE, SwiGLU
+from .decoder import DecoderConfig, Shapes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,13 +65,17 @@ def _attention_kwargs(cfg: Qwen3MoeConfig) -> dict[str, bool]:
     return {"qkv_bias": cfg.attention_bias, "o_bias": cfg.attention_bias, "qk_norm": True}
 
 
-def build(cfg: Qwen3MoeConfig, dtype: str) -> CausalLM:
+def build(cfg: Qwen3MoeConfig, dtype: str):
+    """The Relax module (`decoder_graph.CausalLM`); TVM's compiler is imported only here."""
+    from .decoder_graph import CausalLM, DecoderLayer, attention  # noqa: PLC0415
+    from .layers import SparseMoE, SwiGLU  # noqa: PLC0415
+
     layers = []
     for window, sparse in zip(cfg.layer_windows(), cfg.sparse_layers(), strict=True):
         mlp = (SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
                          cfg.num_experts_per_tok, cfg.norm_topk_prob, dtype) if sparse
                else SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype))
-        attn = decoder.attention(cfg, window, dtype, **_attention_kwargs(cfg))
+        attn = attention(cfg, window, dtype, **_attention_kwargs(cfg))
         layers.append(DecoderLayer(cfg, attn, mlp, dtype))
     return CausalLM(cfg, layers, dtype)
 
