@@ -9,31 +9,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.metadata
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import UserError
+from ..run.tvm_runtime import tvm_build_id
 from ..spec.model import ModelSpec
 from ..spec.target import ResolvedTarget, TargetSpec, availability, resolve
 from . import devicecode
 from .schedules import Schedules, find_schedules
 
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def tvm_build_id() -> str:
-    """Which TVM binaries these are: a digest of the sha256s that the wheel's RECORD lists for its
-    shared libraries (the wheel carries no commit hash; this tells apart two builds of one version)."""
-    try:
-        record = importlib.metadata.distribution("apache-tvm").read_text("RECORD") or ""
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed from a wheel)"
-    libraries = sorted(line for line in record.splitlines() if re.search(r"/libtvm[^/]*\.so,", line))
-    return hashlib.sha256("\n".join(libraries).encode()).hexdigest()[:16] if libraries else "unknown"
 
 
 @functools.cache

@@ -21,27 +21,26 @@ import numpy as np
 from ..build.library import read_manifest
 from ..errors import UserError
 from ..spec.model import ModelSpec, load_checkpoint_config
-from ..spec.target import gpu_present, host_cpu_features
+from . import cpu_features, tvm_runtime
 from .weights import load_parameters
 
 
 def verify_library(directory: Path, manifest: dict[str, Any], private_dir: Path) -> Path:
     """Refuse a library that was altered, or built for another TVM or CPU. Returns a private copy of the
     .so, hashed as it was copied, so the bytes checked are the bytes loaded (no swap in between)."""
-    import tvm  # noqa: PLC0415
-
+    rt = tvm_runtime.runtime()  # TVM's runtime libraries (full TVM or runtime-only): the version is theirs
     library = Path(directory) / manifest["library"]["file"]
     built_with = manifest["versions"]["tvm"]
-    if built_with != tvm.__version__:
-        raise UserError(f"{directory}: built with TVM {built_with}, this runtime is TVM {tvm.__version__}")
+    if built_with != rt.version:
+        raise UserError(f"{directory}: built with TVM {built_with}, this runtime is TVM {rt.version}")
     target = manifest["target"]
     if target["device"] == "cpu":
-        missing = sorted(set(target.get("cpu_features", ())) - host_cpu_features())
+        missing = cpu_features.missing(target.get("cpu_features", ()), rt.cpu_features())
         if missing:
             raise UserError(f"{directory}: built for CPU {target['target'].get('mcpu')}; this CPU lacks "
                             f"{', '.join(missing[:5])}")
     else:
-        present, why = gpu_present(target["device"], target["arch"])
+        present, why = rt.gpu_present(target["device"], target["arch"])
         if not present:
             raise UserError(f"{directory}: built for {target['device']} {target['arch']}; {why}")
     copy, digest = private_dir / "model.so", hashlib.sha256()
@@ -87,22 +86,20 @@ class Library:
     """A verified library loaded with an HF checkpoint's weights (what Decoder and Encoder share)."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
-        import tvm  # noqa: PLC0415
-        from tvm import relax  # noqa: PLC0415
-
         self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
         self.spec = ModelSpec.from_manifest(manifest)
         params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
-        self.device = tvm.device(manifest["target"]["device"], 0)
+        rt = tvm_runtime.runtime()
+        self.device = rt.device(manifest["target"]["device"])
         with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:
             library = verify_library(directory, manifest, Path(private))  # before reading any weight
             _check_checkpoint_matches(self.spec, weights)
             # One parameter at a time: read, copied to the device, dropped (peak: the weights once + one).
-            self._params = [tvm.runtime.tensor(a, self.device) for a in load_parameters(self.spec, weights, params)]
-            module = tvm.runtime.load_module(str(library))  # mapped: the copy may go once loaded
-        self._vm = relax.VirtualMachine(module, self.device)
-        self._tensor = tvm.runtime.tensor
+            self._params = [rt.tensor(a, self.device) for a in load_parameters(self.spec, weights, params)]
+            module = rt.load_module(library)  # mapped: the copy may go once loaded
+        self._vm = rt.virtual_machine(module, self.device)
+        self._tensor, self._numpy = rt.tensor, rt.numpy
         buckets = manifest["buckets"]
         self._bucketed, self._bucket_sizes = buckets["function"], set(buckets["sizes"])
         self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
@@ -167,7 +164,7 @@ class Decoder(Library):
         logits, self._cache = self._function(function, ids.size)(self._tensor(ids, self.device), self._cache,
                                                                  self._params)
         self.position += ids.size
-        return logits.numpy()
+        return self._numpy(logits)
 
     def prefill(self, ids: Any) -> np.ndarray:
         """Start a new sequence with `ids`; float32 logits [len(ids), vocab]."""
@@ -246,7 +243,7 @@ class Encoder(Library):
         from .vision import as_pixel_values  # noqa: PLC0415 (Pillow is needed only here)
 
         pixels = as_pixel_values(images, self.spec.config)
-        return self._function("encode", len(pixels))(self._tensor(pixels, self.device), self._params).numpy()
+        return self._numpy(self._function("encode", len(pixels))(self._tensor(pixels, self.device), self._params))
 
 
 def load(directory: str | Path, *, weights: str | Path, lock_fd: int | None = None) -> Decoder | Encoder:

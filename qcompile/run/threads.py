@@ -10,7 +10,6 @@ before TVM is imported. Once TVM is loaded the count is fixed for the process.
 from __future__ import annotations
 
 import os
-import sys
 
 from ..errors import UserError
 
@@ -35,7 +34,9 @@ def configure(threads: int | None) -> int:
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}")
-        if "tvm" in sys.modules and os.environ.get(VARIABLE) != str(threads):
+        from .tvm_runtime import loaded  # noqa: PLC0415 (tvm-ffi and numpy: not at `import qcompile`)
+
+        if loaded() and os.environ.get(VARIABLE) != str(threads):
             raise UserError(f"--threads {threads}: TVM is already loaded with {os.environ.get(VARIABLE)} "
                             "threads in this process (set TVM_NUM_THREADS before importing tvm)")
         os.environ[VARIABLE] = str(threads)

@@ -194,7 +194,9 @@ def availability(spec: TargetSpec) -> dict[str, tuple[bool, str]]:
             resolved = resolve(spec)
         except UserError as e:
             return {"build": (False, str(e)), "run": (False, "cannot build")}
-        missing = sorted(set(resolved.cpu_features) - host_cpu_features())
+        from ..run.cpu_features import missing as missing_features  # noqa: PLC0415
+
+        missing = missing_features(resolved.cpu_features, host_cpu_features())
         run = (False, f"this CPU lacks {', '.join(missing[:4])}") if missing else (True, "this CPU")
         return {"build": (True, "LLVM"), "run": run}
     if spec.device == "cuda":
@@ -214,22 +216,7 @@ def availability(spec: TargetSpec) -> dict[str, tuple[bool, str]]:
 
 
 def gpu_present(kind: str, arch: str) -> tuple[bool, str]:
-    """A GPU of `kind` this TVM runtime can load code for, and of the library's arch."""
-    import tvm  # noqa: PLC0415
-    import tvm_ffi  # noqa: PLC0415
+    """A GPU of `kind` this TVM runtime can load code for, and of the library's arch (`run.tvm_runtime`)."""
+    from ..run.tvm_runtime import runtime  # noqa: PLC0415
 
-    loader = {"cuda": "ffi.Module.load_from_bytes.cuda", "rocm": "ffi.Module.load_from_bytes.hip"}[kind]
-    if tvm_ffi.get_global_func(loader, allow_missing=True) is None:
-        return False, f"this TVM runtime cannot load {kind} code (no {kind} runtime library)"
-    device = tvm.device(kind, 0)
-    if not device.exist:
-        return False, f"no {kind} device on this machine"
-    found = device_arch(kind, device)
-    return (True, found) if found == arch else (False, f"this GPU is {found}, not {arch}")
-
-
-def device_arch(kind: str, device) -> str:
-    """sm_NN of a CUDA device ("9.0" -> sm_90); gfxNNN of a ROCm one (unverified here: the PyPI
-    runtime has no ROCm loader, so this line has not run against a real GPU)."""
-    version = str(device.compute_version)
-    return ("sm_" if kind == "cuda" else "gfx") + version.replace(".", "")
+    return runtime().gpu_present(kind, arch)
