@@ -39,6 +39,9 @@ from . import cpu_features
 RUNTIME_DIR = "QCOMPILE_TVM_RUNTIME"  # a runtime folder: the shared objects + RECORD (a bundle sets it)
 RECORD = "tvm-runtime.json"  # in a runtime folder: {"tvm": version, "tvm_build": id}
 RUNTIME_LIBRARY = "libtvm_runtime.so"
+# Sort/top-k (MoE routing calls tvm.contrib.sort.*), random and Disco: in the compiler library with full
+# TVM, in this one without it.
+EXTRA_LIBRARY = "libtvm_runtime_extra.so"
 COMPILER_LIBRARY = "libtvm_compiler.so"
 # Per GPU kind: the runtime library that registers its device API and code loader, and that loader's name.
 DEVICE_LIBRARY = {"cuda": "libtvm_runtime_cuda.so", "rocm": "libtvm_runtime_rocm.so"}
@@ -208,11 +211,12 @@ def runtime() -> Runtime:
         files = RuntimeFiles(Path(tvm.libinfo.find_libtvm_runtime()).parent, tvm.__version__, tvm_build_id())
         return Runtime(files, full_tvm=True)
     files = read_runtime_folder(Path(folder)) if folder else installed_runtime_files()
-    library = files.directory / RUNTIME_LIBRARY
-    try:  # global, as `import tvm` loads it: the libraries loaded after it resolve its symbols
-        ctypes.CDLL(str(library), ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        raise UserError(f"cannot load TVM's runtime {library}: {str(e).splitlines()[0]}") from None
+    for name in (RUNTIME_LIBRARY, EXTRA_LIBRARY):
+        library = files.directory / name
+        try:  # global, as `import tvm` loads it: the libraries loaded after it resolve its symbols
+            ctypes.CDLL(str(library), ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise UserError(f"cannot load TVM's runtime {library}: {str(e).splitlines()[0]}") from None
     return Runtime(files, full_tvm=False)
 
 
