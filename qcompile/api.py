@@ -22,8 +22,13 @@ Log = Callable[[str], None]
 
 def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
           schedules: str | os.PathLike | None = None, use_schedules: bool = True):
-    from .build.plan import plan_build  # noqa: PLC0415
-
+    try:
+        from .build.plan import plan_build  # noqa: PLC0415
+    except ModuleNotFoundError as e:  # a deploy bundle ships the runtime part alone
+        if e.name != "qcompile.build.plan":
+            raise
+        raise UserError(f"{getattr(model, 'name', model)}: this qcompile is runtime-only (a deploy bundle): "
+                        "give a library directory, not a MODEL") from None
     return plan_build(resolve_model(model), load_target(target), dtype=dtype, max_seq_len=max_seq_len,
                       use_schedules=use_schedules, schedules=Path(schedules) if schedules is not None else None)
 
@@ -211,6 +216,17 @@ def set_threads(threads: int | None) -> int:
     from .run.threads import configure  # noqa: PLC0415
 
     return configure(threads)
+
+
+# --- deploying ---------------------------------------------------------------------------------------
+
+def bundle(libraries: list[str | os.PathLike], *, out: str | os.PathLike, log: Log = print) -> dict[str, Any]:
+    """Write a deploy folder OUT (atomic) that runs LIBRARIES without TVM's compiler: the libraries, TVM's
+    runtime libraries (and the non-system ones they link), the runtime part of qcompile, requirements.txt
+    and launchers `qcompile-run` / `qcompile-chat` / `qcompile-serve`. Returns its bundle.json record."""
+    from .deploy.bundle import bundle as write_bundle  # noqa: PLC0415
+
+    return write_bundle([Path(p) for p in libraries], Path(out), log=log)
 
 
 # --- what is there -----------------------------------------------------------------------------------
