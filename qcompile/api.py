@@ -128,6 +128,8 @@ def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLi
     if directory is not None:
         return runtime.load(directory, weights=weights)
     plan = _plan(model, target, dtype, max_seq_len)
+    from . import registry  # noqa: PLC0415 (the build side's store: a deploy bundle has none)
+
     path, fd = registry.Registry().open_for_load(registry.key_of(plan.identity()),
                                                  what=f"{plan.spec.name} for {target}")
     try:
