@@ -120,7 +120,6 @@ def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLi
     """Open a verified library with an HF checkpoint's weights: a library DIRECTORY, or the registry's
     entry for MODEL built for TARGET with the same options (held in use until `.close()`). Returns a
     `run.runtime.Decoder` or `Encoder`."""
-    from . import registry  # noqa: PLC0415
     from .run import runtime  # noqa: PLC0415
 
     if (directory is None) == (model is None):
