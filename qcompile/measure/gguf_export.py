@@ -44,9 +44,13 @@ def tensor_names(spec: ModelSpec) -> dict[str, str]:
     if spec.family.name != ARCH:
         raise UserError(f"{spec.name}: llama.cpp comparison supports the qwen2 family only, "
                         f"not '{spec.family.name}'")
+    cfg = spec.config
+    if cfg.resolved_head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        # llama.cpp's qwen2 graph makes wq {n_embd, n_embd}: no key_length of its own
+        raise UserError(f"{spec.name}: llama.cpp's qwen2 needs head_dim x num_attention_heads == hidden_size, "
+                        f"here {cfg.resolved_head_dim} x {cfg.num_attention_heads} != {cfg.hidden_size}")
     g = gguf_module()
     t, names = g.MODEL_TENSOR, g.TENSOR_NAMES
-    cfg = spec.config
     out = {"model.embed_tokens.weight": f"{names[t.TOKEN_EMBD]}.weight"}
     per_layer = [("input_layernorm.weight", t.ATTN_NORM, "weight")]
     for proj, kind in (("q", t.ATTN_Q), ("k", t.ATTN_K), ("v", t.ATTN_V)):
@@ -66,7 +70,7 @@ def tensor_names(spec: ModelSpec) -> dict[str, str]:
     return out
 
 
-def tokenizer_fields(vocab: Path, vocab_size: int) -> list[tuple[str, Any, Any, Any]]:
+def tokenizer_fields(vocab: Path, vocab_size: int, where: str) -> list[tuple[str, Any, Any, Any]]:
     """The `tokenizer.*` keys of the vocab-only GGUF `vocab` as (key, value, type, array item type),
     padded to `vocab_size` tokens as llama.cpp's converter pads (`[PADi]`, type UNUSED)."""
     g = gguf_module()
@@ -84,7 +88,7 @@ def tokenizer_fields(vocab: Path, vocab_size: int) -> list[tuple[str, Any, Any, 
     if tokens is None:
         raise UserError(f"{vocab}: no {g.Keys.Tokenizer.LIST} (not a vocab GGUF)")
     if vocab_size < len(tokens):
-        raise UserError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokens)} tokens "
+        raise UserError(f"{where}: vocab_size {vocab_size} is smaller than the tokenizer's {len(tokens)} tokens "
                         f"({vocab.name}); llama.cpp needs one embedding row per token")
     pad = range(len(tokens), vocab_size)
     padding = {g.Keys.Tokenizer.LIST: [f"[PAD{i}]" for i in pad],
@@ -134,7 +138,7 @@ def write_gguf(spec: ModelSpec, checkpoint: Path, out: Path, *, vocab: Path | No
     names = tensor_names(spec)
     files = _check_shapes(spec, checkpoint, names)
     expected = spec.family.hf_tensors(cfg)
-    tokenizer = tokenizer_fields(vocab, cfg.vocab_size) if vocab is not None else []
+    tokenizer = tokenizer_fields(vocab, cfg.vocab_size, spec.name) if vocab is not None else []
     writer = g.GGUFWriter(None, ARCH)
     writer.add_name(Path(spec.name).name)
     writer.add_file_type(int(g.LlamaFileType.ALL_F32))
@@ -144,9 +148,6 @@ def write_gguf(spec: ModelSpec, checkpoint: Path, out: Path, *, vocab: Path | No
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    if cfg.resolved_head_dim * cfg.num_attention_heads != cfg.hidden_size:  # else n_embd / n_head, the default
-        writer.add_key_length(cfg.resolved_head_dim)
-        writer.add_value_length(cfg.resolved_head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     for key, value, vtype, item in tokenizer:
