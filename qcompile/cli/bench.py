@@ -1,4 +1,4 @@
-"""`qcompile bench MODEL [--vs torch]`."""
+"""`qcompile bench MODEL [--vs torch,llama.cpp] [--llama-quant q8_0,q4_0]`."""
 
 from __future__ import annotations
 
@@ -12,15 +12,21 @@ from .common import MODEL_HELP, add_threads, emit_json, non_negative_int, print_
 def add(sub) -> None:
     p = sub.add_parser("bench", help="speed side by side: tuned, default schedules, transformers",
                        description="One run on this machine: qcompile with the committed schedules, "
-                       "qcompile with default schedules, and (--vs torch) transformers eager and "
-                       "torch.compile, each in its own process on the same checkpoint (MODEL's own "
-                       "weights when it is a checkpoint directory, else random weights). "
+                       "qcompile with default schedules, (--vs torch) transformers eager and "
+                       "torch.compile, (--vs llama.cpp) llama.cpp's llama-bench, each in its own process "
+                       "on the same checkpoint (MODEL's own weights when it is a checkpoint directory, else "
+                       "random weights). "
                        "Decoders: prefill latency and decode tokens/s; encoders: encode latency. Each "
                        "beside its physical limit (bytes / measured read bandwidth for decode, FLOPs / "
                        "measured matmul peak for prefill). Prints a table, then the JSON.")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--target", default="cpu", help="a CPU target this machine runs (default: cpu)")
-    p.add_argument("--vs", choices=["torch"], help="also run transformers eager and torch.compile")
+    p.add_argument("--vs", action="append", default=[], metavar="ENGINES",
+                   help="also run: torch (transformers eager and torch.compile), llama.cpp (its llama-bench "
+                        "on a float32 GGUF of the same weights; built once from the llama-cpp-python sdist, "
+                        "or QCOMPILE_LLAMA_CPP=DIR); repeatable or comma-separated")
+    p.add_argument("--llama-quant", metavar="TYPES",
+                   help="with --vs llama.cpp, also these llama-quantize types, comma-separated (e.g. q8_0,q4_0)")
     p.add_argument("--prompt-len", type=non_negative_int, default=128, help="prefill tokens (128)")
     p.add_argument("--decode-tokens", type=non_negative_int, default=32, help="decode steps per run (32)")
     p.add_argument("--repeats", type=non_negative_int, default=5, help="runs per figure; median (5)")
@@ -38,11 +44,11 @@ def add(sub) -> None:
 
 def run(args) -> None:
     api.set_threads(args.threads)  # the engines' child processes inherit it
-    report, header, rows, profiles = api.bench(args.model, target=args.target, vs_torch=args.vs == "torch",
-                                     prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
-                                     repeats=args.repeats, workdir=args.workdir, log=progress(args),
-                                     skip=tuple(args.skip.split(",")) if args.skip else (),
-                                     profile=args.profile)
+    report, header, rows, profiles = api.bench(args.model, target=args.target, vs=_names(args.vs),
+                                               llama_quant=_names([args.llama_quant or ""]),
+                                               prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                                               repeats=args.repeats, workdir=args.workdir, log=progress(args),
+                                               skip=_names([args.skip or ""]), profile=args.profile)
     if args.json:
         return emit_json(report)
     machine = report["machine"]
@@ -57,3 +63,8 @@ def run(args) -> None:
         print(f"\n{title}")
         print_table(profile_rows, profile_header)
     print(json.dumps(report))
+
+
+def _names(values: list[str]) -> tuple[str, ...]:
+    """Repeated and comma-separated option values, in order, without repeats or blanks."""
+    return tuple(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))

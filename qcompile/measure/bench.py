@@ -2,14 +2,16 @@
 
 Engines (each measured in its own child process, one after another, so each peak RSS is its own and no
 two share the cores): qcompile with the committed tuning database, qcompile with default schedules,
-and with `--vs torch` transformers eager and torch.compile (when it compiles). All run the same random-
-weight HF checkpoint, batch 1.
+with `--vs torch` transformers eager and torch.compile (when it compiles), and with `--vs llama.cpp`
+llama.cpp's own `llama-bench` on a float32 GGUF of the checkpoint (and its `--llama-quant` copies;
+`llamacpp.py`). All run the same random-weight HF checkpoint, batch 1.
 
 Decoders: prefill latency for a prompt of `--prompt-len` tokens, and decode tokens/s (median over
 `--repeats` runs of `--decode-tokens` steps). Encoders: images/s at batch 1.
 Limits, measured here: decode reads every weight a token uses once, so tokens/s <= read bandwidth /
 weight bytes per token; prefill and encode do 2 FLOPs per weight per token (+ attention), so
-seconds >= FLOPs / matmul peak. Each result is reported as a fraction of its limit.
+seconds >= FLOPs / matmul peak. Each result is reported as a fraction of its limit; a quantized llama.cpp
+engine's decode limit is on its own bytes (the float32 bytes scaled by its GGUF's tensor bytes).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from ..models.kinds import DECODER
 from ..run import threads
 from ..spec.model import ModelSpec, resolve_model
 from ..spec.target import availability, load_target
+from . import llamacpp
 
 ENGINES = ("qcompile-tuned", "qcompile-default")
 TORCH_ENGINES = ("torch-eager", "torch-compile")
+COMPARISONS = ("torch", "llama.cpp")  # what --vs names
 ENGINE_TIMEOUT = 900  # seconds per engine (torch.compile's first compile is the slow one)
 
 
@@ -80,9 +84,13 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def run_engine(engine: str, *, library: str | None, checkpoint: str, prompt_len: int, decode_tokens: int,
-               repeats: int, profile: bool = False) -> dict[str, Any]:
+               repeats: int, profile: bool = False, llama_bench: str | None = None) -> dict[str, Any]:
     """Measure one engine in this process; returns its figures (with `profile`, a qcompile engine also
-    reports where one decode step, a prefill and an encode go, kernel by kernel)."""
+    reports where one decode step, a prefill and an encode go, kernel by kernel). For a llama.cpp
+    engine `library` is its GGUF, measured by the `llama_bench` executable."""
+    if engine.startswith(llamacpp.ENGINE_PREFIX):
+        return llamacpp.run_bench(llama_bench=llama_bench, gguf=library, prompt_len=prompt_len,
+                                  decode_tokens=decode_tokens, repeats=repeats, threads=threads.count())
     rng = np.random.default_rng(0)
     spec = resolve_model(checkpoint)
     if engine.startswith("qcompile"):
@@ -194,11 +202,14 @@ def _child(engine: str, args: dict[str, Any]) -> dict[str, Any]:
 
 # --- the whole comparison ---------------------------------------------------------------------------
 
-def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len: int = 128, profile: bool = False,
-          decode_tokens: int = 32, repeats: int = 5, workdir: Path = Path("build/bench"),
-          skip: tuple[str, ...] = (), log=print) -> dict[str, Any]:
-    """Build both libraries (registry: reused when unchanged), write random weights once, measure."""
+def bench(model: str, *, target: str = "cpu", vs: tuple[str, ...] = (), llama_quant: tuple[str, ...] = (),
+          prompt_len: int = 128, profile: bool = False, decode_tokens: int = 32, repeats: int = 5,
+          workdir: Path = Path("build/bench"), skip: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+    """Build both libraries (registry: reused when unchanged), write random weights once, measure.
+    `vs`: other engines to compare with ("torch", "llama.cpp"); `llama_quant`: llama-quantize types
+    measured beside llama.cpp's float32."""
     spec = resolve_model(model)
+    engines = _engines(spec, vs, llama_quant, skip)
     if repeats < 1 or decode_tokens < 1:
         raise UserError("--repeats and --decode-tokens must be >= 1")
     if spec.kind.has_sequence and not 8 <= prompt_len <= spec.config.max_position_embeddings - decode_tokens - 8:
@@ -216,6 +227,7 @@ def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len
         if not (checkpoint / "config.json").is_file():
             log(f"writing random weights for {spec.name} to {checkpoint}")
             api.init_weights(model, out=checkpoint)
+    llama = _llama_files(spec, checkpoint, llama_quant, engines, log)  # first: its errors come before builds
     libraries = {}
     for engine, use in (("qcompile-tuned", True), ("qcompile-default", False)):
         log(f"building {engine} (registry; reused when unchanged)")
@@ -227,20 +239,56 @@ def bench(model: str, *, target: str = "cpu", vs_torch: bool = False, prompt_len
     args = {"checkpoint": str(checkpoint), "prompt_len": prompt_len,
             "decode_tokens": decode_tokens, "repeats": repeats, "profile": profile}
     results = {}
-    engines = [e for e in ENGINES + (TORCH_ENGINES if vs_torch else ()) if e not in skip]
-    if set(skip) - set(ENGINES + TORCH_ENGINES):
-        raise UserError(f"--skip: unknown engine(s) {sorted(set(skip) - set(ENGINES + TORCH_ENGINES))}")
     for engine in engines:
         log(f"running {engine}")
-        library = str(libraries[engine].path) if engine in libraries else None
-        results[engine] = _child(engine, {**args, "library": library})
+        own = {"library": str(libraries[engine].path) if engine in libraries else None}
+        if engine in llama["files"]:  # its GGUF, and the llama-bench that measures it
+            own = {"library": str(llama["files"][engine]), "llama_bench": str(llama["tools"].bench)}
+        results[engine] = _child(engine, {**args, **own})
+        if engine in llama["files"] and "error" not in results[engine]:
+            results[engine]["weight_bytes_scale"] = llama["scales"][engine]
     limits = _limits(spec, kind, prompt_len, machine)
     for figures in results.values():
         _add_fractions(figures, limits)
     return {"model": spec.name, "target": target, "kind": kind, "prompt_len": prompt_len,
             "decode_tokens": decode_tokens, "repeats": repeats, "machine": machine, "limits": limits,
             "tuning_database": tuned_db["sha256"] if tuned_db else None,
-            "tuned_kernels": len(tuned_db["kernels"]["tuned"]) if tuned_db else 0, "engines": results}
+            "tuned_kernels": len(tuned_db["kernels"]["tuned"]) if tuned_db else 0, "engines": results,
+            **({"llama_cpp": llama["tools"].origin} if llama["files"] else {})}
+
+
+def _engines(spec: ModelSpec, vs: tuple[str, ...], llama_quant: tuple[str, ...],
+             skip: tuple[str, ...]) -> list[str]:
+    """The engines to run, in order, from --vs, --llama-quant and --skip (checked before any work)."""
+    unknown = [v for v in vs if v not in COMPARISONS]
+    if unknown:
+        raise UserError(f"--vs: unknown engine family '{unknown[0]}'; choose from {', '.join(COMPARISONS)}")
+    if llama_quant and "llama.cpp" not in vs:
+        raise UserError("--llama-quant needs --vs llama.cpp")
+    llama = llamacpp.engine_names(llama_quant) if "llama.cpp" in vs else ()
+    if llama:
+        llamacpp.check_model(spec)  # now, not after minutes of builds
+    known = ENGINES + TORCH_ENGINES + llamacpp.engine_names(tuple(llamacpp.QUANTS))
+    if set(skip) - set(known):
+        raise UserError(f"--skip: unknown engine(s) {sorted(set(skip) - set(known))}")
+    chosen = ENGINES + (TORCH_ENGINES if "torch" in vs else ()) + llama
+    return [e for e in chosen if e not in skip]
+
+
+def _llama_files(spec: ModelSpec, checkpoint: Path, quants: tuple[str, ...], engines: list[str],
+                 log) -> dict[str, Any]:
+    """For the llama.cpp engines to run: the tools (built on first use), each engine's GGUF, and the
+    scale of its tensor bytes against float32 (for its decode limit)."""
+    wanted = [e for e in engines if e.startswith(llamacpp.ENGINE_PREFIX)]
+    if not wanted:
+        return {"files": {}, "tools": None, "scales": {}}
+    if any(spec.config.layer_windows()):
+        log("note: llama.cpp's qwen2 graph has no sliding window; it runs every layer with full attention")
+    tools = llamacpp.tools(log)
+    files = llamacpp.model_files(spec, checkpoint, quants, tools, log)
+    f32_bytes = llamacpp.tensor_bytes(files[f"{llamacpp.ENGINE_PREFIX}f32"])
+    return {"files": {e: files[e] for e in wanted}, "tools": tools,
+            "scales": {e: llamacpp.tensor_bytes(files[e]) / f32_bytes for e in wanted}}
 
 
 def _limits(spec, kind, prompt_len, machine) -> dict[str, float]:
@@ -253,7 +301,8 @@ def _limits(spec, kind, prompt_len, machine) -> dict[str, float]:
 
 def _add_fractions(figures: dict[str, Any], limits: dict[str, float]) -> None:
     if "decode_tokens_per_s" in figures:
-        figures["decode_fraction_of_limit"] = figures["decode_tokens_per_s"] / limits["decode_tokens_per_s"]
+        limit = limits["decode_tokens_per_s"] / figures.get("weight_bytes_scale", 1.0)
+        figures["decode_fraction_of_limit"] = figures["decode_tokens_per_s"] / limit
     for key in ("prefill_seconds", "encode_seconds"):
         if key in figures:
             figures[key.replace("seconds", "fraction_of_limit")] = limits[key] / figures[key]
@@ -300,7 +349,8 @@ def _mb(figures: dict[str, Any]) -> str:
 if __name__ == "__main__":  # the child process of `_child`
     engine_name, engine_args = sys.argv[1], json.loads(sys.argv[2])
     figures = run_engine(engine_name, **engine_args)
-    # VmHWM: this process's peak resident set (ru_maxrss would carry the parent's over execve)
+    # VmHWM: this process's peak resident set (ru_maxrss would carry the parent's over execve); an engine
+    # that ran in a process of its own (llama-bench) has reported that one's
     status = Path("/proc/self/status").read_text()
-    figures["peak_rss_bytes"] = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    figures.setdefault("peak_rss_bytes", int(status.split("VmHWM:")[1].split()[0]) * 1024)
     print(json.dumps(figures))
