@@ -42,19 +42,21 @@ def load_vision_model(checkpoint: Path):
     return transformers.AutoModel.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
 
-def vision_features(checkpoint: Path, pixels: np.ndarray) -> np.ndarray:
-    """last_hidden_state [batch, tokens, width] of the checkpoint's HF vision model, float32."""
+def vision_features(checkpoint: Path, pixels: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """last_hidden_state [batch, tokens, width] of the checkpoint's HF vision model, float32, computed on
+    the torch `device`."""
     torch, _ = _import_torch_transformers()
-    model = load_vision_model(checkpoint)
+    model = load_vision_model(checkpoint).to(device)
     with torch.no_grad():
-        return model(pixel_values=torch.tensor(pixels)).last_hidden_state.float().numpy()
+        return model(pixel_values=torch.tensor(pixels, device=device)).last_hidden_state.float().cpu().numpy()
 
 
 def logits(model, ids) -> np.ndarray:
-    """Float32 logits [len(ids), vocab] of one sequence."""
+    """Float32 logits [len(ids), vocab] of one sequence (on the device the model is on)."""
     torch, _ = _import_torch_transformers()
     with torch.no_grad():
-        return model(torch.tensor(np.asarray(ids, np.int64)[None])).logits[0].float().numpy()
+        ids = torch.tensor(np.asarray(ids, np.int64)[None], device=model.device)
+        return model(ids).logits[0].float().cpu().numpy()
 
 
 @dataclasses.dataclass
@@ -70,16 +72,21 @@ class Generation:
 
 
 def greedy_generate(model, ids, max_new_tokens: int) -> Generation:
-    """`generate(do_sample=False)` for exactly max_new_tokens tokens (eos does not stop it)."""
+    """`generate(do_sample=False)` for exactly max_new_tokens tokens (eos does not stop it), on the device
+    the model is on (a GPU's queue is drained before each clock reading)."""
     torch, _ = _import_torch_transformers()
-    prompt = torch.tensor(np.asarray(ids, np.int64)[None])
+    prompt = torch.tensor(np.asarray(ids, np.int64)[None], device=model.device)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
     with torch.no_grad():
+        sync()
         start = time.perf_counter()
         model(prompt)
+        sync()
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         # An explicit all-ones mask: otherwise HF infers one from pad_token_id and masks real tokens.
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        sync()
         total = time.perf_counter() - start
-    return Generation(out[0, len(ids):].numpy(), prefill, total)
+    return Generation(out[0, len(ids):].cpu().numpy(), prefill, total)
