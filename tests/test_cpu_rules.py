@@ -63,7 +63,8 @@ def test_untuned_build_schedules_decode_projections_with_the_rule(tmp_path, debu
     manifest = qcompile.compile_model("qwen2-debug", out=tmp_path / "lib", max_seq_len=32, use_schedules=False,
                                       log=lambda _m: None)
     rules = manifest["cpu_rules"]
-    assert set(rules.values()) == {"gemv", "gemm"} and all("matmul" in name for name in rules)
+    assert set(rules.values()) == {"gemv", "gemm", "attention"}
+    assert all(("matmul" in name) == (rule != "attention") for name, rule in rules.items())
     saved = json.loads((tmp_path / "lib" / "manifest.json").read_text())["cpu_rules"]
     assert saved == rules
     untuned = qcompile.load(tmp_path / "lib", weights=debug_checkpoint)

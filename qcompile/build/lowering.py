@@ -116,11 +116,24 @@ def gpu_default_schedules(mod: Any) -> Any:
     from tvm import tirx  # noqa: PLC0415
     from tvm.s_tir import dlight as dl  # noqa: PLC0415
 
+    import tvm  # noqa: PLC0415
+
+    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
     for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc):
-            mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
-    return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                   dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        one = tvm.IRModule({gv: func.with_attr("dlight.do_not_tensorize", True)})
+        # dlight's reduction rules give the attention products over a symbolic cache length
+        # (models.layers.attention_scores / attention_values) a cross-thread reduction that TVM 0.27
+        # then fails to lower ("reduction-related loops ... not the deepest"): Fallback binds their
+        # spatial loops to threads and runs each reduction in one thread.
+        kernel_rules = (dl.gpu.Fallback(),) if _is_attention_product(func) else rules
+        mod[gv] = dl.ApplyDefaultSchedule(*kernel_rules)(one)[gv]
+    return mod
+
+
+def _is_attention_product(func: Any) -> bool:
+    return bool(re.search(r'T\.sblock\("attention_(scores|acc)"\)', func.script()))
 
 
 def _backend(target: Any) -> Any:

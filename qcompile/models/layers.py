@@ -88,6 +88,37 @@ def apply_rope(x: Tensor, offset: tir.PrimExpr, theta: float) -> Tensor:
     return op.tensor_expr_op(compute, "rope", [x, offset])
 
 
+def attention_scores(q: Tensor, k: Tensor) -> Tensor:
+    """q [n, h, d], keys [t, kv, d] -> float32 q.k [h, n, t]. Query head hh reads kv head hh // (h / kv), as
+    HF's repeat_kv does, straight from the cache: no repeated or transposed copy of the keys."""
+
+    def compute(q: te.Tensor, k: te.Tensor):
+        n, heads, d = q.shape
+        kv_heads = k.shape[1]
+        group = heads // kv_heads
+        r = te.reduce_axis((0, d), name="r")
+        return te.compute((heads, n, k.shape[0]), lambda hh, i, j: te.sum(
+            q[i, hh, r].astype(F32) * k[j, hh // group, r].astype(F32), axis=r), name="attention_scores")
+
+    return op.tensor_expr_op(compute, "attention_scores", [q, k])
+
+
+def attention_values(probs: Tensor, v: Tensor) -> Tensor:
+    """probs [h, n, t], values [t, kv, d] -> [n, h, d] in the values' dtype (accumulated in float32); query
+    head hh reads kv head hh // (h / kv), straight from the cache."""
+
+    def compute(p: te.Tensor, v: te.Tensor):
+        heads, n, t = p.shape
+        kv_heads, d = v.shape[1], v.shape[2]
+        group = heads // kv_heads
+        j = te.reduce_axis((0, t), name="j")
+        acc = te.compute((n, heads, d), lambda i, hh, dd: te.sum(
+            p[hh, i, j].astype(F32) * v[j, hh // group, dd].astype(F32), axis=j), name="attention_acc")
+        return te.compute((n, heads, d), lambda i, hh, dd: acc[i, hh, dd].astype(v.dtype), name="attention_values")
+
+    return op.tensor_expr_op(compute, "attention_values", [probs, v])
+
+
 def masked_scores(scores: Tensor, window: int | None) -> Tensor:
     """Causal (and, for a sliding layer, windowed) mask on float32 scores [heads, n, t].
 
@@ -147,15 +178,9 @@ class CausalSelfAttention(nn.Module):
         k = op.concat([past_k, k], dim=0)  # [t, kv, d], t = p + n
         v = op.concat([past_v, v], dim=0)
 
-        group = h // kv
-        keys = op.repeat(k, group, axis=1) if group > 1 else k  # [t, h, d], head h <- kv head h // group
-        values = op.repeat(v, group, axis=1) if group > 1 else v
-        q_hnd = op.permute_dims(q, [1, 0, 2])  # [h, n, d]
-        k_hdt = op.permute_dims(keys, [1, 2, 0])  # [h, d, t]
-        v_htd = op.permute_dims(values, [1, 0, 2])  # [h, t, d]
-        scores = op.matmul(q_hnd, k_hdt, out_dtype=F32) * (1.0 / math.sqrt(d))  # [h, n, t]
+        scores = attention_scores(q, k) * (1.0 / math.sqrt(d))  # [h, n, t] float32
         probs = op.softmax(masked_scores(scores, self.window), axis=-1).astype(x.dtype)
-        out = op.permute_dims(op.matmul(probs, v_htd), [1, 0, 2])  # [n, h, d]
+        out = attention_values(probs, v)  # [n, h, d]
         return self.o_proj(op.reshape(out, (n, h * d))), k, v
 
 
