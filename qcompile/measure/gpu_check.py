@@ -124,6 +124,9 @@ def _machine(device: str) -> dict[str, Any]:
 
     from ..run.tvm_runtime import runtime  # noqa: PLC0415
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("this check was prepared for a CUDA GPU, and torch sees none on this machine")
+
     facts = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
              "python": platform.python_version(), "tvm_runtime": runtime().version,
              "tvm_runtime_source": runtime().source}
