@@ -189,9 +189,11 @@ def test_every_bundled_module_imports_in_the_deploy_venv(bundle, deploy_python):
     assert result.stdout.strip() == "False"
 
 
-def test_bundle_text_and_serve_launchers(bundle, deploy_python, text_library, text_checkpoint, tmp_path, capsys):
+def test_bundle_text_chat_and_serve_launchers(bundle, deploy_python, text_library, text_checkpoint, tmp_path,
+                                              capsys):
     """qcompile-run --prompt --chat (tokenizers, the chat template) gives the full install's text;
-    qcompile-serve answers a completion and stops on Ctrl-C."""
+    qcompile-chat replies from stdin as the model's chat does; qcompile-serve answers a completion and
+    stops on Ctrl-C."""
     args = ["--weights", str(text_checkpoint), "--prompt", "Hello", "--chat", "--max-new-tokens", "4", "--json"]
     assert main(["run", str(text_library), *args]) == 0
     full = json.loads(capsys.readouterr().out)
@@ -200,6 +202,12 @@ def test_bundle_text_and_serve_launchers(bundle, deploy_python, text_library, te
     assert deployed.returncode == 0, deployed.stderr
     assert {k: v for k, v in json.loads(deployed.stdout).items() if "seconds" not in k and "per_s" not in k} == \
         {k: v for k, v in full.items() if "seconds" not in k and "per_s" not in k}
+
+    chat = subprocess.run([str(deploy_python), str(bundle[0] / "qcompile-chat"), str(library), "--weights",
+                           str(text_checkpoint), "--max-new-tokens", "4"], input="Hello\n", capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == f"> {full['text']}\n> \n"  # the same greedy reply to the same single message
 
     server = subprocess.Popen([str(deploy_python), str(bundle[0] / "qcompile-serve"), str(library), "--weights",
                                str(text_checkpoint), "--port", "0"], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
