@@ -227,7 +227,8 @@ def _decode_bench(entry: dict[str, Any], bundle: Path, work: Path, device: str, 
     theirs = {"decode_tokens_per_s": generation.decode_tokens_per_s, "prefill_ms": generation.prefill_seconds * 1e3}
     del torch_model
     shutil.rmtree(checkpoint, ignore_errors=True)  # GBs: the disk is not unlimited
-    return {**entry, "qcompile": ours, "transformers_eager": theirs, "random_weights_seconds": round(weights_seconds, 1),
+    return {**entry, "qcompile": ours, "transformers_eager": theirs,
+            "random_weights_seconds": round(weights_seconds, 1),
             "speedup_vs_eager": (ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
                                  if theirs["decode_tokens_per_s"] else None)}
 
