@@ -223,6 +223,7 @@ def _decode_bench(entry: dict[str, Any], bundle: Path, work: Path, device: str, 
             "weight_bytes_per_step": weight_bytes, "fraction_of_bandwidth": weight_bytes / step / bandwidth}
     del model
     torch_model = reference.load_causal_lm(checkpoint).to(device, dtype=getattr(torch, entry["dtype"]))
+    reference.logits(torch_model, prompt)  # warm-up, as qcompile had (else its prefill time counts it)
     generation = reference.greedy_generate(torch_model, prompt, plan["decode_steps"] + 1)
     theirs = {"decode_tokens_per_s": generation.decode_tokens_per_s, "prefill_ms": generation.prefill_seconds * 1e3}
     del torch_model
