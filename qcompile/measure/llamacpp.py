@@ -271,10 +271,15 @@ def model_files(spec: ModelSpec, checkpoint: Path, quants: tuple[str, ...], foun
 
 
 def _source_stamp(checkpoint: Path, found: Tools) -> dict[str, Any]:
-    """What the GGUFs were made from: the checkpoint's files (name, size, mtime) and the vocab."""
+    """What the GGUFs were made from: the checkpoint's files, the vocab and llama-quantize (each as name,
+    size, mtime): another build of the tools may quantize differently."""
+    def identity(p: Path, name: str) -> list:
+        return [name, p.stat().st_size, p.stat().st_mtime_ns]
+
     files = sorted(p for p in checkpoint.iterdir() if p.suffix in (".json", ".safetensors"))
-    return {"checkpoint": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
-            "vocab": [str(found.vocab), found.vocab.stat().st_size]}
+    return {"checkpoint": [identity(p, p.name) for p in files],  # names: the same from any directory
+            "vocab": identity(found.vocab, str(found.vocab.resolve())),
+            "quantize": identity(found.quantize, str(found.quantize.resolve()))}
 
 
 def _quantize(found: Tools, f32: Path, target: Path, quant: str) -> None:
