@@ -276,7 +276,7 @@ def _engines(spec: ModelSpec, vs: tuple[str, ...], llama_quant: tuple[str, ...],
 
 
 def _llama_files(spec: ModelSpec, checkpoint: Path, quants: tuple[str, ...], engines: list[str],
-                 log) -> dict[str, Any]:
+                 log: llamacpp.Log) -> dict[str, Any]:
     """For the llama.cpp engines to run: the tools (built on first use), each engine's GGUF, and the
     scale of its tensor bytes against float32 (for its decode limit)."""
     wanted = [e for e in engines if e.startswith(llamacpp.ENGINE_PREFIX)]

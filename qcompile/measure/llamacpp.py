@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..atomic import atomic_dir, atomic_path, write_json
 from ..errors import UserError
@@ -212,7 +212,7 @@ def _unpack(archive: Path, src: Path) -> None:
         tar.extractall(src, members=members, filter="data")
 
 
-def _run_logged(command: list[str], out, log_file: Path, log: Log, percent: bool = False) -> None:
+def _run_logged(command: list[str], out: TextIO, log_file: Path, log: Log, percent: bool = False) -> None:
     """Run a build step with its output in the log file; with `percent`, cmake's progress every 10%.
     A failure is one line: the step, the first compiler error, and the log's path."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -249,7 +249,10 @@ def model_files(spec: ModelSpec, checkpoint: Path, quants: tuple[str, ...], foun
     """engine name -> its GGUF, written or quantized only when the checkpoint changed since."""
     check_model(spec)  # before anything is written
     directory = checkpoint.parent / f"{checkpoint.name}-gguf"
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{directory}: cannot write the GGUF files beside the checkpoint ({e.strerror})") from None
     stamp_file = directory / "source.json"
     stamp = _source_stamp(checkpoint, found)
     current = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
