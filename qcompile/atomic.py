@@ -80,28 +80,6 @@ def atomic_dir(dest: Path, *, replaceable: Callable[[Path], bool]) -> Iterator[P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Create or replace file `path` atomically: `write` fills a temp file, fsync, rename."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; give a file path")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise UserError(f"{path.parent}: cannot write here ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """For tools that write a file by name (an external program, a writer that opens its own file):
@@ -124,6 +102,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def atomic_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Create or replace file `path` atomically: `write` fills a temp file, fsync, rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_json(path: Path, data: Any) -> None:
