@@ -10,9 +10,9 @@ from .common import MODEL_HELP, add_threads, emit_json, non_negative_int, print_
 
 
 def add(sub) -> None:
-    p = sub.add_parser("bench", help="speed side by side: tuned, default schedules, transformers",
+    p = sub.add_parser("bench", help="speed side by side: qcompile (tuned, default schedules), transformers, llama.cpp",
                        description="One run on this machine: qcompile with the committed schedules, "
-                       "qcompile with default schedules, (--vs torch) transformers eager and "
+                       "qcompile with default schedules (qcompile's CPU rules only), (--vs torch) transformers eager and "
                        "torch.compile, (--vs llama.cpp) llama.cpp's llama-bench, each in its own process "
                        "on the same checkpoint (MODEL's own weights when it is a checkpoint directory, else "
                        "random weights). "
