@@ -32,6 +32,8 @@ RULE_ATTR = "qcompile.cpu_rule"  # block annotation: which rule scheduled the ke
 GEMV_ROWS = 4  # output rows per register block (4 rows x lanes partial sums live in vector registers)
 GEMM_TILE = (4, 4)  # (input rows, weight rows) per register tile: 16 accumulators of GEMM_LANES lanes
 GEMM_LANES = 8
+# The first block of the two attention products (models.layers.attention_scores / attention_values).
+ATTENTION_BLOCKS = ("attention_scores", "attention_acc")
 
 
 def vector_lanes(target: Any) -> int:
@@ -50,6 +52,17 @@ def vector_lanes(target: Any) -> int:
 
 def _blocks(sch: Any) -> list[Any]:
     return sch.get_child_blocks(sch.get_sblock("root"))
+
+
+def first_block_name(func: Any) -> str | None:
+    """The name of a kernel's first block (None: not written as blocks)."""
+    from tvm import s_tir  # noqa: PLC0415
+
+    sch = s_tir.Schedule(func)
+    try:
+        return sch.get(_blocks(sch)[0]).name_hint
+    except Exception:  # noqa: BLE001 (no root block)
+        return None
 
 
 def gemv(func: Any, target: Any) -> Any | None:

@@ -133,7 +133,9 @@ def gpu_default_schedules(mod: Any) -> Any:
 
 
 def _is_attention_product(func: Any) -> bool:
-    return bool(re.search(r'T\.sblock\("attention_(scores|acc)"\)', func.script()))
+    from .cpu_rules import ATTENTION_BLOCKS, first_block_name  # noqa: PLC0415
+
+    return first_block_name(func) in ATTENTION_BLOCKS
 
 
 def _backend(target: Any) -> Any:

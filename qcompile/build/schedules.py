@@ -95,14 +95,9 @@ class Schedules:
 
     directories: tuple[Path, ...]
     digest: str  # sha256 over the files' bytes: part of the build identity
-
-    @property
-    def predates_cpu_rules(self) -> bool:
-        """Some database holds no record of a qcompile CPU rule: it was tuned before the rules were
-        candidate 0, so its records for the kernels a rule takes never competed with the rule."""
-        from .cpu_rules import RULE_ATTR  # noqa: PLC0415
-
-        return any(RULE_ATTR not in (d / RECORDS).read_text() for d in self.directories if (d / RECORDS).exists())
+    # Some database holds no record of a qcompile CPU rule: it was tuned before the rules were candidate
+    # 0, so its records for the kernels a rule takes never competed with the rule.
+    predates_cpu_rules: bool = False
 
     def open(self) -> Any:
         """One MetaSchedule database over all directories (read for compile)."""
@@ -141,10 +136,14 @@ def find_schedules(target_name: str, explicit: Path | None = None, *, enabled: b
         directories = [d for root in data.schedule_roots() for d in database_dirs(root / target_name)]
     if not directories:
         return None
-    digest = hashlib.sha256()
+    from .cpu_rules import RULE_ATTR  # noqa: PLC0415 (imports no TVM)
+
+    digest, predates = hashlib.sha256(), False
     for directory in directories:
         check_database(directory)
         for name in (WORKLOADS, RECORDS):
             path = directory / name
-            digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
-    return Schedules(tuple(directories), digest.hexdigest()[:16])
+            content = path.read_bytes() if path.exists() else b""
+            digest.update(name.encode() + b"\0" + content)
+            predates |= name == RECORDS and RULE_ATTR.encode() not in content
+    return Schedules(tuple(directories), digest.hexdigest()[:16], predates)

@@ -94,11 +94,10 @@ def run_engine(engine: str, *, library: str | None, checkpoint: str, prompt_len:
     rng = np.random.default_rng(0)
     spec = resolve_model(checkpoint)
     if engine.startswith("qcompile"):
-        model = api.load(library, weights=checkpoint)
-        run = _qcompile_calls(model)
+        run = api.load(library, weights=checkpoint)  # a loaded library has encode / prefill / decode itself
     else:
         run = _torch_calls(engine, Path(checkpoint), spec)
-    profiled = _profile(run.model, spec, rng, prompt_len) if profile and engine.startswith("qcompile") else {}
+    profiled = _profile(run, spec, rng, prompt_len) if profile and engine.startswith("qcompile") else {}
     if not spec.kind.has_sequence:
         pixels = spec.kind.random_inputs(spec, rng, 1)
         run.encode(pixels)  # warm
@@ -141,24 +140,8 @@ def _profile(model: Any, spec: ModelSpec, rng: np.random.Generator, prompt_len: 
     return {"profile": out}
 
 
-class _qcompile_calls:
-    """The calls an engine is timed on, for a loaded qcompile library."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def encode(self, pixels):
-        return self.model.encode(pixels)
-
-    def prefill(self, ids):
-        return self.model.prefill(ids)
-
-    def decode(self, token):
-        return self.model.decode(token)
-
-
 class _torch_calls:
-    """The same calls for transformers (eager, or torch.compile'd), keeping the KV cache between them."""
+    """The calls a loaded qcompile library has (encode / prefill / decode), for transformers (eager, or torch.compile'd), keeping the KV cache between them."""
 
     def __init__(self, engine: str, checkpoint: Path, spec: ModelSpec):
         import torch  # noqa: PLC0415
