@@ -59,11 +59,71 @@ def test_rules_decline_other_shapes(n, rows, depth):
     assert cpu_rules.default_schedule(_decode_projection(rows, depth, n), HOST) is None
 
 
+def _packed_projection(lead: tuple, rows: int, depth: int, epilogue: bool):
+    """y[..., rows] = x[..., depth] . W^T (+ b) with W packed rows16: the kernel float32 CPU builds get."""
+    from tvm.relax.frontend import nn
+
+    from qcompile.models.packing import packed_matmul
+
+    class Projection(nn.Module):
+        def __init__(self):
+            self.w = nn.Parameter((rows // 16, depth, 16), "float32")
+            self.b = nn.Parameter((rows,), "float32")
+
+        def forward(self, x):
+            y = packed_matmul(x, self.w)
+            return y + self.b if epilogue else y
+
+    spec = {"forward": {"x": nn.spec.Tensor([*lead, depth], "float32"), "$": {"param_mode": "packed",
+                                                                                   "effect_mode": "none"}}}
+    mod, _ = Projection().export_tvm(spec=spec)
+    from qcompile.build import lowering
+
+    fused = lowering.fused(mod, HOST)
+    func = next(f for gv, f in fused.functions_items() if "packed_matmul" in gv.name_hint)
+    return func.with_attr("global_symbol", "main")
+
+
+@pytest.mark.parametrize("lead,rows,depth,epilogue", [((1,), 1152, 896, True), ((7,), 64, 96, True),
+                                                      ((128,), 96, 64, False), ((3, 5), 32, 48, True),
+                                                      (("n",), 64, 32, True)])
+def test_packed_rule_computes_the_same_numbers(lead, rows, depth, epilogue):
+    """One row (decode), rows no tile divides (a tail tile), many rows, a batch axis (ViT), and a
+    symbolic row count (a prefill chunk outside the buckets)."""
+    from qcompile.run import layouts
+
+    func = _packed_projection(lead, rows, depth, epilogue)
+    found = cpu_rules.default_schedule(func, HOST)
+    assert found is not None and found[0] == "packed"
+    run = tvm.compile(found[1].mod, target=HOST).jit()["main"]
+    rng = np.random.default_rng(0)
+    shape = tuple(5 if d == "n" else d for d in lead)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((*shape, depth), (rows, depth), (rows,)))
+    args = [x, layouts.pack(w, layouts.ROWS16, "w")] + ([b] if epilogue else [])
+    out = tvm.runtime.tensor(np.zeros((*shape, rows), np.float32))
+    run(*(tvm.runtime.tensor(a) for a in args), out)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + (b if epilogue else 0)
+    # Each output is one float32 sum over `depth` products in order: within the textbook bound for that
+    # (depth + 1) * 2^-24 * sum |x w| (+ |b|), elementwise.
+    bound = (depth + 1) * 2.0 ** -24 * (np.abs(x) @ np.abs(w).T + (np.abs(b) if epilogue else 0))
+    assert np.all(np.abs(out.numpy() - ref) <= bound)
+
+
+def test_rows16_layout_round_trips():
+    from qcompile.run import layouts
+
+    w = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    packed = layouts.pack(w, layouts.ROWS16, "w")
+    assert packed.shape == (2, 3, 16) and packed[1, 2, 5] == w[21, 2]  # row n at [n // 16, :, n % 16]
+    np.testing.assert_array_equal(layouts.unpack(packed, layouts.ROWS16), w)
+    assert layouts.unpacked_shape(packed.shape, layouts.ROWS16) == (32, 3)
+
+
 def test_untuned_build_schedules_decode_projections_with_the_rule(tmp_path, debug_checkpoint, debug_library):
     manifest = qcompile.compile_model("qwen2-debug", out=tmp_path / "lib", max_seq_len=32, use_schedules=False,
                                       log=lambda _m: None)
     rules = manifest["cpu_rules"]
-    assert set(rules.values()) == {"gemv", "gemm", "attention"}
+    assert set(rules.values()) == {"packed", "attention"}  # every qwen2-debug weight's rows: 16 divides
     assert all(("matmul" in name) == (rule != "attention") for name, rule in rules.items())
     saved = json.loads((tmp_path / "lib" / "manifest.json").read_text())["cpu_rules"]
     assert saved == rules

@@ -55,6 +55,10 @@ def export(plan: BuildPlan) -> tuple[Any, list[tuple[str, Any]]]:
     static shapes), exported under `<function>_<size>`."""
     spec = plan.spec
     module = spec.family.build(spec.config, plan.dtype)
+    if plan.packed_weights:
+        from ..models.packing import pack_weights  # noqa: PLC0415
+
+        pack_weights(module)
     specs = module.export_spec()
     buckets = plan.buckets
     for size in buckets["sizes"]:
@@ -103,8 +107,9 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
     log("[3/3] writing the library")
     executable.export_library(str(directory / library.LIBRARY), **devicecode.export_options(plan.target, log))
     device_code = devicecode.check_library(plan.target, directory / library.LIBRARY)
-    parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype}
-                  for name, p in params]
+    # "layout": how the loader stores the HF tensor (`run.layouts`); absent: as the checkpoint has it.
+    parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype,
+                   **({"layout": p.attrs["layout"]} if "layout" in p.attrs else {})} for name, p in params]
     manifest = {
         "format": library.MANIFEST_FORMAT,
         "model": {"name": spec.name, "family": spec.family.name, "kind": spec.kind.name,

@@ -73,6 +73,11 @@ class BuildPlan:
         return {"function": kind.bucketed, "dim": kind.dynamic_dim,
                 "sizes": kind.bucket_sizes(self.target.device, self.prefill_chunk)}
 
+    @property
+    def packed_weights(self) -> bool:
+        """Linear and embedding weights stored `rows16` (`run.layouts`): float32 CPU builds."""
+        return self.target.device == "cpu" and self.dtype == "float32"
+
     def identity(self) -> dict[str, Any]:
         """Everything that decides the built library's bytes and manifest (not the model's name)."""
         from tvm.target import codegen  # noqa: PLC0415

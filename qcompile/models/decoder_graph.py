@@ -65,7 +65,7 @@ class CausalLM(nn.Module):
             new_cache += [k, v]
         x = self.model.norm(x)
         if self.cfg.tie_word_embeddings:
-            logits = op.matmul(x, op.permute_dims(self.model.embed_tokens.weight))
+            logits = self.model.embed_tokens.lm_head(x)
         else:
             logits = self.lm_head(x)
         return logits.astype(F32), new_cache

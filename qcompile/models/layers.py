@@ -36,6 +36,10 @@ class Embedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         return gather(self.weight, ids)
 
+    def lm_head(self, x: Tensor) -> Tensor:
+        """The tied LM head: x [n, hidden] -> [n, vocab] = x . weight^T."""
+        return op.matmul(x, op.permute_dims(self.weight))
+
 
 class RMSNorm(nn.Module):
     """HF Qwen2RMSNorm: `w * x / sqrt(mean(x^2) + eps)`, computed in float32, result in x's dtype."""

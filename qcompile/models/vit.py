@@ -173,12 +173,12 @@ def weight_map(cfg: ViTConfig) -> dict[str, list[str]]:
     CLIP names are transformers 5.x's; 4.x's "vision_model." prefix is stripped on load."""
     clip = cfg.weight_layout == "clip"
     m: dict[str, list[str]] = {
-        "embeddings.patch_weight": ["embeddings.patch_embedding.weight" if clip
+        "embeddings.patch.weight": ["embeddings.patch_embedding.weight" if clip
                                     else "embeddings.patch_embeddings.projection.weight"],
         "embeddings.position": ["embeddings.position_embedding.weight" if clip
                                 else "embeddings.position_embeddings"]}
     if cfg.patch_bias:
-        m["embeddings.patch_bias"] = ["embeddings.patch_embeddings.projection.bias"]
+        m["embeddings.patch.bias"] = ["embeddings.patch_embeddings.projection.bias"]
     if cfg.use_cls_token:
         m["embeddings.cls"] = ["embeddings.class_embedding" if clip else "embeddings.cls_token"]
     norms = {"pre_norm": (cfg.pre_layernorm, "pre_layrnorm"),
@@ -207,9 +207,10 @@ def weight_map(cfg: ViTConfig) -> dict[str, list[str]]:
 
 
 def _library_shapes(cfg: ViTConfig) -> Shapes:
-    """Shape of every library parameter a block or the embeddings may have."""
+    """Shape of every library parameter a block or the embeddings may have, as HF stores it (the patch
+    weight is the convolution's [width, c, p, p]; the library reads it flattened to [width, c*p*p])."""
     width, ffn, p = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
-    shapes: Shapes = {"embeddings.patch_weight": (width, cfg.num_channels, p, p), "embeddings.patch_bias": (width,),
+    shapes: Shapes = {"embeddings.patch.weight": (width, cfg.num_channels, p, p), "embeddings.patch.bias": (width,),
                       "embeddings.cls": (width,), "embeddings.position": (cfg.num_positions, width)}
     shapes |= {f"{norm}.{k}": (width,) for norm in ("pre_norm", "final_norm") for k in ("weight", "bias")}
     for i in range(cfg.num_hidden_layers):

@@ -10,7 +10,7 @@ from typing import Any
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from .layers import F32
+from .layers import F32, attention_scores, attention_values
 from .vit import ViTConfig
 
 
@@ -34,19 +34,22 @@ class EncoderBlock(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, width, bias=True, dtype=dtype)
 
     def attention(self, x: Tensor) -> Tensor:
-        """Multi-head self-attention over all tokens: x [b, t, width] -> [b, t, width]."""
+        """Multi-head self-attention over all tokens: x [b, t, width] -> [b, t, width].
+
+        The images' heads are one axis of b*h heads, so the decoders' attention products (and their CPU
+        schedule) serve: each (image, head) pair attends within its own image, unmasked."""
         b, t, width = x.shape
         h = self.heads
         d = width // h
         # qkv(x) [b, t, 3*width] -> [b, t, 3, h, d] (q, k, v, each head's d features contiguous, as HF's
-        # fused split) -> [3, b, h, t, d]
-        qkv = op.permute_dims(op.reshape(self.qkv(x), (b, t, 3, h, d)), [2, 0, 3, 1, 4])
-        q, k, v = (op.squeeze(part, 0) for part in op.split(qkv, 3, axis=0))  # each [b, h, t, d]
-        # [b, h, t, d] @ [b, h, d, t] -> scores [b, h, t, t] in float32
-        scores = op.matmul(q, op.permute_dims(k, [0, 1, 3, 2]), out_dtype=F32) * (1.0 / math.sqrt(d))
-        probs = op.softmax(scores, axis=-1).astype(x.dtype)  # [b, h, t, t]
-        out = op.permute_dims(op.matmul(probs, v), [0, 2, 1, 3])  # [b, h, t, d] -> [b, t, h, d]
-        return self.out(op.reshape(out, (b, t, width)))  # heads concatenated: [b, t, h*d = width]
+        # fused split) -> [3, t, b, h, d] -> [3, t, b*h, d]
+        qkv = op.permute_dims(op.reshape(self.qkv(x), (b, t, 3, h, d)), [2, 1, 0, 3, 4])
+        qkv = op.reshape(qkv, (3, t, b * h, d))
+        q, k, v = (op.squeeze(part, 0) for part in op.split(qkv, 3, axis=0))  # each [t, b*h, d]
+        scores = attention_scores(q, k) * (1.0 / math.sqrt(d))  # [b*h, t, t] float32
+        probs = op.softmax(scores, axis=-1).astype(x.dtype)
+        out = op.reshape(attention_values(probs, v), (t, b, width))  # [t, b*h, d] -> [t, b, h*d]
+        return self.out(op.permute_dims(out, [1, 0, 2]))  # [b, t, width], heads concatenated
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attention(self.norm1(x))
@@ -57,9 +60,9 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: ViTConfig, dtype: str):
         self.cfg = cfg
         p, width = cfg.patch_size, cfg.hidden_size
-        self.patch_weight = nn.Parameter((width, cfg.num_channels, p, p), dtype)
-        if cfg.patch_bias:
-            self.patch_bias = nn.Parameter((width,), dtype)
+        # The patch convolution (kernel = stride = p) as a linear layer over each patch's c*p*p pixels:
+        # weight [width, c, p, p] flattened to [width, c*p*p] (the loader merges the trailing axes).
+        self.patch = nn.Linear(cfg.num_channels * p * p, width, bias=cfg.patch_bias, dtype=dtype)
         if cfg.use_cls_token:
             self.cls = nn.Parameter((width,), dtype)
         self.position = nn.Parameter((cfg.num_positions, width), dtype)
@@ -67,12 +70,12 @@ class Embeddings(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         """pixels [b, channels, size, size] -> tokens [b, (1 +) patches, width]."""
         cfg, b = self.cfg, pixels.shape[0]
-        width, grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
-        patches = op.conv2d(pixels, self.patch_weight, self.patch_bias if cfg.patch_bias else None,
-                            stride=cfg.patch_size)  # [b, width, grid, grid]
-        # [b, width, grid, grid] -> [b, width, patches] (row-major patches, as HF's flatten(2)) ->
-        # [b, patches, width]
-        tokens = op.permute_dims(op.reshape(patches, (b, width, grid * grid)), [0, 2, 1])
+        width, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+        grid = cfg.image_size // p
+        # [b, c, grid*p, grid*p] -> [b, c, grid, p, grid, p] -> [b, grid, grid, c, p, p] -> [b, patches,
+        # c*p*p]: patches row-major (as HF's flatten(2) of the conv output), pixels in the weight's order
+        patches = op.permute_dims(op.reshape(pixels, (b, c, grid, p, grid, p)), [0, 2, 4, 1, 3, 5])
+        tokens = self.patch(op.reshape(patches, (b, grid * grid, c * p * p)))  # [b, patches, width]
         if cfg.use_cls_token:
             cls = op.broadcast_to(op.reshape(self.cls, (1, 1, width)), (b, 1, width))  # [width] -> [b, 1, width]
             tokens = op.concat([cls, tokens], dim=1)  # [b, 1 + patches, width]

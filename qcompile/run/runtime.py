@@ -89,7 +89,7 @@ class Library:
         self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
         self.spec = ModelSpec.from_manifest(manifest)
-        params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
+        params = [(p["name"], p["shape"], p["dtype"], p.get("layout")) for p in manifest["parameters"]]
         rt = tvm_runtime.runtime()
         self.device = rt.device(manifest["target"]["device"])
         with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:

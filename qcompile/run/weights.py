@@ -19,6 +19,7 @@ from ..atomic import atomic_dir, write_json
 from ..errors import UserError
 from ..spec.model import ModelSpec
 from ..spec.schema import read_json_object
+from . import layouts
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,10 +52,11 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 
 
 def load_parameters(spec: ModelSpec, directory: Path,
-                    params: Iterable[tuple[str, list[int], str]]) -> Iterator[np.ndarray]:
-    """The library's parameters (name, shape, dtype), in order, filled from an HF checkpoint, one at a
-    time: the caller moves each to the device before the next is read, so loading holds the device copy
-    and one parameter, not a second copy of the model.
+                    params: Iterable[tuple[str, list[int], str, str | None]]) -> Iterator[np.ndarray]:
+    """The library's parameters (name, shape, dtype, layout), in order, filled from an HF checkpoint, one
+    at a time: the caller moves each to the device before the next is read, so loading holds the device
+    copy and one parameter, not a second copy of the model. A parameter with a layout is packed into it
+    (`run.layouts`) as it is read.
 
     Every checkpoint tensor must be used and have its HF shape; errors name the tensor. A fused tensor
     the family declares (`checkpoint_views`) stands for the HF tensors it contains.
@@ -113,12 +115,15 @@ def load_parameters(spec: ModelSpec, directory: Path,
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     mapping = spec.family.weight_map(spec.config)
-    for name, shape, dtype in params:
+    for name, shape, dtype, layout in params:
         array = assemble(mapping[name])
-        if array.shape != tuple(shape) and array.squeeze().shape == tuple(d for d in shape if d != 1):
-            array = array.reshape(shape)  # unit axes differ only: HF's [1, 1, width] cls token, say
+        want = layouts.unpacked_shape(shape, layout)
+        if array.shape != want and (array.squeeze().shape == tuple(d for d in want if d != 1)  # unit axes:
+                                    or array.reshape(array.shape[0], -1).shape == want):  # [1, 1, w] cls
+            array = array.reshape(want)  # token; trailing axes merged: a patch convolution's weight
+        array = layouts.pack(array.astype(dtype, copy=False), layout, name)
         assert list(array.shape) == list(shape), (name, array.shape, shape)  # a family bug, not input
-        yield np.ascontiguousarray(array.astype(dtype, copy=False))
+        yield array
 
 
 def random_tensors(spec: ModelSpec, *, seed: int, std: float) -> Iterable[tuple[str, np.ndarray]]:
