@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -168,9 +169,11 @@ def quantize_checkpoint(src: str | Path, *, scheme: str, group_size: int = schem
     for name in quantized:  # every group size checked before anything is written
         schemes.check_group_size(chosen, group_size, name, tensors.shapes[name][-1])
 
+    report = _progress(log, "quantizing", len(tensors.shapes))
+
     def stored() -> Iterator[tuple[str, np.ndarray]]:
         for i, (name, shape) in enumerate(tensors.shapes.items()):
-            log(f"quantizing tensor {i + 1}/{len(tensors.shapes)}: {name}")
+            report(i, name)
             w = tensors.float32(name)
             if not is_quantized(name, shape):
                 yield name, w
@@ -200,9 +203,11 @@ def dequantize_checkpoint(qsrc: str | Path, *, out: str | Path, max_shard_bytes:
         raise UserError(f"{qsrc}: not a quantized checkpoint (no {QUANTIZATION_FILE}); nothing to dequantize")
     scheme, group_size = tensors.quantization
 
+    report = _progress(log, "dequantizing", len(tensors.shapes))
+
     def floats() -> Iterator[tuple[str, np.ndarray]]:
         for i, name in enumerate(tensors.shapes):
-            log(f"dequantizing tensor {i + 1}/{len(tensors.shapes)}: {name}")
+            report(i, name)
             yield name, tensors.float32(name)
 
     with atomic_dir(Path(out), replaceable=lambda d: (d / DEQUANTIZED_MARKER).is_file()) as tmp:
@@ -217,6 +222,18 @@ def dequantize_checkpoint(qsrc: str | Path, *, out: str | Path, max_shard_bytes:
         write_tensors(tmp, floats(), max_shard_bytes=max_shard_bytes)
     return {"source": str(qsrc), "output": str(out), "scheme": scheme.name, "group_size": group_size,
             "tensors": len(tensors.shapes), "bytes": _weight_bytes(Path(out))}
+
+
+def _progress(log: Log, verb: str, total: int, every_s: float = 2.0) -> Callable[[int, str], None]:
+    """A progress line "verb tensor i/N: name" for the first and last tensor and at most every `every_s`."""
+    last = [-every_s]
+
+    def report(i: int, name: str) -> None:
+        now = time.monotonic()
+        if i in (0, total - 1) or now - last[0] >= every_s:
+            last[0] = now
+            log(f"{verb} tensor {i + 1}/{total}: {name}")
+    return report
 
 
 def _metadata_text(scheme: Scheme, group_size: int) -> str:
