@@ -15,7 +15,7 @@ import qcompile
 from qcompile import api
 from qcompile.errors import UserError
 from qcompile.quant import schemes
-from qcompile.quant.checkpoint import CheckpointTensors, read_quantization
+from qcompile.quant.checkpoint import CheckpointTensors, check_loadable, read_quantization
 from qcompile.quant.policy import is_quantized
 
 from .conftest import write_hf_checkpoint
@@ -125,6 +125,18 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, hf_checkpoin
                       "--quantization", "q8", "-o", hf_checkpoint)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]  # no temporaries left
+
+
+def test_a_checkpoint_of_another_scheme_is_refused_naming_both(tmp_path, hf_checkpoint):
+    api.quantize_checkpoint(hf_checkpoint, scheme="q8", out=tmp_path / "q8", **quiet)
+    assert check_loadable(hf_checkpoint, "q4", 32) is None  # float: quantized while loading
+    assert check_loadable(tmp_path / "q8", "q8", 32) == (schemes.get("q8"), 32)
+    with pytest.raises(UserError, match="holds q8 \\(group size 32\\) weights but the library is q4 \\(group"):
+        check_loadable(tmp_path / "q8", "q4", 32)
+    with pytest.raises(UserError, match="library is q8 \\(group size 64\\)"):
+        check_loadable(tmp_path / "q8", "q8", 64)
+    with pytest.raises(UserError, match="holds q8 \\(group size 32\\) weights but the library is not quantized"):
+        check_loadable(tmp_path / "q8", None, 32)
 
 
 def test_corrupt_or_truncated_packed_tensors_are_refused(tmp_path, hf_checkpoint):

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_dir, write_json
 from ..errors import UserError
-from ..run.weights import INDEX_FILE, SINGLE_FILE, _tensor_files, write_tensors
+from ..run.weights import INDEX_FILE, _tensor_files, write_tensors
 from ..spec.model import load_checkpoint_config
 from ..spec.schema import read_json_object
 from . import schemes
@@ -60,7 +60,9 @@ def read_quantization(directory: str | Path) -> tuple[Scheme, int] | None:
     if record.get("format") != FORMAT:
         raise UserError(f"{path}: unknown quantized-checkpoint format {record.get('format')!r} (this "
                         f"qcompile reads format {FORMAT})")
-    scheme = schemes.get(str(record.get("scheme")))
+    if record.get("scheme") not in schemes.SCHEMES:
+        raise UserError(f"{path}: 'scheme' must be one of {', '.join(schemes.SCHEMES)}, got {record.get('scheme')!r}")
+    scheme = schemes.SCHEMES[record["scheme"]]
     group_size = record.get("group_size")
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise UserError(f"{path}: 'group_size' must be an integer, got {group_size!r}")
@@ -69,6 +71,25 @@ def read_quantization(directory: str | Path) -> tuple[Scheme, int] | None:
             raise UserError(f"{file}: its metadata does not record {scheme.name} at group size "
                             f"{group_size}, as {QUANTIZATION_FILE} does")
     return scheme, group_size
+
+
+def check_loadable(directory: str | Path, scheme: str | None, group_size: int) -> tuple[Scheme, int] | None:
+    """A checkpoint's quantization, checked against a library's (`scheme` None: a float library). A
+    float checkpoint suits any library (a quantized one quantizes it while loading); a quantized one
+    only a library of the same scheme and group size. The error names both."""
+    found = read_quantization(directory)
+    if found is None:
+        return None
+    held = f"{found[0].name}" + (f" (group size {found[1]})" if found[0].grouped else "")
+    if scheme is None:
+        raise UserError(f"{directory}: holds {held} weights but the library is not quantized; give the "
+                        "float checkpoint (or `qcompile dequantize` this one)")
+    wanted = schemes.get(scheme)
+    if found[0] != wanted or (wanted.grouped and found[1] != group_size):
+        library = wanted.name + (f" (group size {group_size})" if wanted.grouped else "")
+        raise UserError(f"{directory}: holds {held} weights but the library is {library}; give the float "
+                        f"checkpoint or a {library} one")
+    return found
 
 
 def stored_layout(hf_name: str, shape: tuple[int, ...], quantization: tuple[Scheme, int] | None
