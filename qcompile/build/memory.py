@@ -153,13 +153,15 @@ def _stages(layer_bytes: list[int], first: int, last: int, stages: int) -> list[
     return cuts[::-1]
 
 
-def memory_plan(spec: ModelSpec, *, dtype: str, quantization: str | None = None,
+def memory_plan(spec: ModelSpec, *, dtype: str, quantization: str | schemes.Scheme | None = None,
                 group_size: int = schemes.DEFAULT_GROUP_SIZE, max_seq_len: int | None,
                 tensor_parallel: int = 1, pipeline_stages: int = 1,
                 prefill_chunk: int | None = None) -> dict[str, Any]:
     """The bytes each device needs (see the module docstring for what is counted and how)."""
     if tensor_parallel < 1:
         raise UserError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
+    if isinstance(quantization, schemes.Scheme):  # a BuildPlan may carry the Scheme itself
+        quantization = quantization.name
     quant = (schemes.get(quantization), group_size) if quantization else None
     decoder = spec.kind.has_sequence
     if not decoder and (pipeline_stages != 1 or tensor_parallel != 1):

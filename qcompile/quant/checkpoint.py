@@ -61,7 +61,8 @@ def read_quantization(directory: str | Path) -> tuple[Scheme, int] | None:
         raise UserError(f"{path}: unknown quantized-checkpoint format {record.get('format')!r} (this "
                         f"qcompile reads format {FORMAT})")
     if record.get("scheme") not in schemes.SCHEMES:
-        raise UserError(f"{path}: 'scheme' must be one of {', '.join(schemes.SCHEMES)}, got {record.get('scheme')!r}")
+        raise UserError(f"{path}: 'scheme' must be one of {', '.join(schemes.SCHEMES)}, "
+                        f"got {record.get('scheme')!r}")
     scheme = schemes.SCHEMES[record["scheme"]]
     group_size = record.get("group_size")
     if not isinstance(group_size, int) or isinstance(group_size, bool):
