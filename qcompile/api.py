@@ -106,6 +106,24 @@ def init_weights(model: str | os.PathLike, *, out: str | os.PathLike, seed: int 
                                    max_shard_bytes=max_shard_bytes)
 
 
+def quantize_checkpoint(checkpoint: str | os.PathLike, *, scheme: str, group_size: int = 32,
+                        out: str | os.PathLike, log: Log = print) -> dict[str, Any]:
+    """Write the quantized checkpoint (packed weights + scales, or 16-bit weights; config, tokenizer and
+    a record of the scheme) of float HF CHECKPOINT to OUT (atomic, tensor by tensor). Returns a summary."""
+    from .quant.checkpoint import quantize_checkpoint as quantize  # noqa: PLC0415
+
+    return quantize(checkpoint, scheme=scheme, group_size=group_size, out=out, log=log)
+
+
+def dequantize_checkpoint(checkpoint: str | os.PathLike, *, out: str | os.PathLike,
+                          log: Log = print) -> dict[str, Any]:
+    """Write the float32 HF checkpoint a quantized CHECKPOINT's weights stand for to OUT (atomic): what
+    transformers loads to see exactly what quantization did. Returns a summary."""
+    from .quant.checkpoint import dequantize_checkpoint as dequantize  # noqa: PLC0415
+
+    return dequantize(checkpoint, out=out, log=log)
+
+
 # --- running -----------------------------------------------------------------------------------------
 
 def describe_runnable(what: str | os.PathLike) -> tuple[ModelSpec, Path | None]:
@@ -246,6 +264,13 @@ def target_status() -> dict[str, tuple[TargetSpec, dict[str, tuple[bool, str]]]]
     return {name: (spec, availability(spec)) for name, spec in list_targets().items()}
 
 
+def is_library(path: str | os.PathLike) -> bool:
+    """Whether PATH is a library directory (else, for commands taking LIBRARY|MODEL, a MODEL)."""
+    from .build.library import is_library_dir  # noqa: PLC0415
+
+    return is_library_dir(Path(path))
+
+
 def inspect(library: str | os.PathLike) -> dict[str, Any]:
     """What a library was built for and the device code its shared object carries (read from its bytes)."""
     from .build.devicecode import device_modules  # noqa: PLC0415
@@ -258,7 +283,36 @@ def inspect(library: str | os.PathLike) -> dict[str, Any]:
             "device_code": manifest.get("device_code"),
             "device_modules_in_library": device_modules(Path(library) / LIBRARY),
             "toolchain": manifest["identity"]["toolchain"], "versions": manifest["versions"],
-            "tuning_database": manifest.get("tuning_database"), "library": manifest["library"]}
+            "tuning_database": manifest.get("tuning_database"), "library": manifest["library"],
+            "memory_plan": manifest.get("memory_plan")}
+
+
+def memory_plan(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, dtype: str | None = None,
+                quantization: str | None = None, group_size: int = 32, max_seq_len: int | None = None,
+                tensor_parallel: int = 1, pipeline_stages: int = 1) -> dict[str, Any]:
+    """Bytes per device (weights, KV cache per layer kind, workspace estimate) of MODEL built for TARGET
+    with these options: `build.memory`. Needs no toolchain and builds nothing."""
+    from .build.memory import plan_for  # noqa: PLC0415
+
+    return plan_for(resolve_model(model), load_target(target), dtype=dtype, quantization=quantization,
+                    group_size=group_size, max_seq_len=max_seq_len, tensor_parallel=tensor_parallel,
+                    pipeline_stages=pipeline_stages)
+
+
+def memory_fit(plan: dict[str, Any], device_memory: str | int) -> tuple[bool, str]:
+    """Whether a memory plan fits devices of DEVICE_MEMORY bytes (or a size: '141GB' = 141e9 bytes,
+    '80GiB' = 80 x 2^30), and one line saying so: the margin, or needed vs available and by how much."""
+    from .build.memory import fit_line, parse_memory_size  # noqa: PLC0415
+
+    size = device_memory if isinstance(device_memory, int) else parse_memory_size(device_memory)
+    return fit_line(plan, size)
+
+
+def memory_lines(plan: dict[str, Any]) -> list[str]:
+    """A memory plan as text lines (weights, KV cache per layer kind, workspace, per device)."""
+    from .build.memory import describe  # noqa: PLC0415
+
+    return describe(plan)
 
 
 def registry():

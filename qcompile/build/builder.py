@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import devicecode, library, lowering
+from . import devicecode, library, lowering, memory
 from ..atomic import write_json
 from .plan import BuildPlan, versions
 
@@ -129,6 +129,7 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
                             if plan.schedules else None),
         "cpu_rules": report.rule,  # kernel -> the qcompile CPU rule that scheduled it (no record in a database)
+        "memory_plan": memory.of_build(plan),
         "identity": plan.identity(),
         "build": {"seconds": round(time.perf_counter() - start, 2),
                   "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},

@@ -17,8 +17,8 @@ from .common import Parser
 
 # The subcommands' modules, in the order `qcompile --help` lists them. Imported when the parser is built, so
 # a deploy bundle (`qcompile bundle`) can ship only the modules of the commands it runs.
-SUBCOMMANDS = ("zoo", "targets", "inspect", "compile", "tune", "bench", "check", "init_weights", "run", "chat",
-               "serve", "registry", "bundle", "demo")
+SUBCOMMANDS = ("zoo", "targets", "inspect", "compile", "tune", "bench", "check", "init_weights", "quantize",
+               "dequantize", "run", "chat", "serve", "registry", "bundle", "demo")
 
 
 def _module(name: str) -> ModuleType:

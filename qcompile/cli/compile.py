@@ -23,6 +23,9 @@ def add(sub) -> None:
                    help="tuning database directory to apply (default: every one committed for TARGET, "
                         "and those under $QCOMPILE_SCHEDULES/TARGET/)")
     p.add_argument("--no-schedules", action="store_true", help="default schedules only (no tuning database)")
+    p.add_argument("--device-memory", metavar="SIZE",
+                   help="check before building that the memory plan (weights + KV cache at --max-seq-len + "
+                        "workspace) fits a device of SIZE, e.g. 141GB (GB = 1e9 bytes) or 80GiB (2^30)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -30,6 +33,8 @@ def add(sub) -> None:
 def run(args) -> None:
     if args.output is None and not args.register:
         raise UserError("compile: give -o DIR, --register, or both")
+    if args.device_memory is not None:
+        check_fit(args)
     options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=progress(args),
                    schedules=args.schedules, use_schedules=not args.no_schedules)
     if args.register:
@@ -47,3 +52,14 @@ def run(args) -> None:
     print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
           f"{manifest['dtype']}, {built_note}): {where}"
           + (f", copied to {args.output}" if args.register and args.output else ""))
+
+
+def check_fit(args) -> None:
+    """The memory plan against --device-memory, before any building: one line either way."""
+    plan = api.memory_plan(args.model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                           quantization=getattr(args, "quantization", None),
+                           group_size=getattr(args, "group_size", 32))
+    ok, line = api.memory_fit(plan, args.device_memory)
+    if not ok:
+        raise UserError(f"{args.model} for {args.target}: {line}")
+    progress(args)(line)

@@ -1,20 +1,38 @@
-"""`qcompile inspect LIBRARY`."""
+"""`qcompile inspect LIBRARY|MODEL`: what a library was built for; or a MODEL's memory plan for a target."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import api
-from .common import emit_json, listing
+from ..quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES
+from .common import add_build_options, add_target, emit_json, listing, non_negative_int
 
 
 def add(sub) -> None:
-    p = listing(sub, "inspect", "what a library was built for and the device code it carries", inspect)
-    p.add_argument("library", type=Path, help="library directory")
+    p = listing(sub, "inspect", "what a library was built for, the device code it carries and its memory "
+                                "plan; or, for a MODEL, the memory plan of building it", inspect)
+    p.add_argument("library", metavar="LIBRARY|MODEL",
+                   help="a library directory, or a MODEL (zoo name or HF checkpoint directory) whose memory "
+                        "plan for the options below is printed (nothing is built)")
+    add_target(p, help="with a MODEL: the target (default: cpu)")
+    add_build_options(p, dtype_help="with a MODEL: compute dtype (default: the target's)",
+                      seq_help="with a MODEL: context the KV cache holds (default: max_position_embeddings)")
+    p.add_argument("--quantization", metavar="SCHEME", help=f"with a MODEL: weights as one of {', '.join(SCHEMES)}")
+    p.add_argument("--group-size", type=non_negative_int, default=DEFAULT_GROUP_SIZE,
+                   help=f"with a MODEL: weights per scale (q8, q4; default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--tensor-parallel", type=non_negative_int, default=1, metavar="N",
+                   help="with a MODEL: devices each layer is split over (default 1)")
+    p.add_argument("--pipeline-stages", type=non_negative_int, default=1, metavar="S",
+                   help="with a MODEL: contiguous groups of layers on their own devices (default 1)")
+    p.add_argument("--device-memory", metavar="SIZE",
+                   help="say whether every device's share fits SIZE, e.g. 141GB (1e9) or 80GiB (2^30)")
 
 
 def inspect(args) -> None:
-    summary = api.inspect(args.library)
+    if not api.is_library(args.library):
+        return inspect_model(args)
+    summary = api.inspect(Path(args.library))
     if args.json:
         return emit_json(summary)
     library, found = summary["library"], summary["device_modules_in_library"]
@@ -32,3 +50,21 @@ def inspect(args) -> None:
     tuning = summary["tuning_database"]
     print("  schedules " + (f"{len(tuning['kernels']['tuned'])} tuned kernels from {tuning['sha256']}"
                             if tuning else "default only"))
+    plan = summary["memory_plan"]
+    if plan:  # libraries built before the memory plan have none
+        print("  memory")
+        for line in api.memory_lines(plan):
+            print(f"    {line}")
+
+
+def inspect_model(args) -> None:
+    plan = api.memory_plan(args.library, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                           quantization=args.quantization, group_size=args.group_size,
+                           tensor_parallel=args.tensor_parallel, pipeline_stages=args.pipeline_stages)
+    fit = api.memory_fit(plan, args.device_memory) if args.device_memory else None
+    if args.json:
+        return emit_json({"model": str(args.library), "target": args.target, "memory_plan": plan,
+                          **({"fits": fit[0], "fit": fit[1]} if fit else {})})
+    print(f"{args.library} for {args.target}: memory plan (nothing built)")
+    for line in [*api.memory_lines(plan), *([fit[1]] if fit else [])]:
+        print(f"  {line}")

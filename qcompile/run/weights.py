@@ -137,6 +137,42 @@ def random_tensors(spec: ModelSpec, *, seed: int, std: float) -> Iterable[tuple[
         yield name, (noise + 1.0 if "norm" in name else noise)
 
 
+def write_tensors(directory: Path, tensors: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int,
+                  metadata: dict[str, str] | None = None) -> None:
+    """Write (name, array) pairs as `model.safetensors`, or as shards of at most `max_shard_bytes` (one
+    tensor may exceed it) with an index file: memory holds one shard, never the whole model. Every
+    file's safetensors metadata is `metadata` plus {"format": "pt"} (what transformers expects)."""
+    metadata = {"format": "pt", **(metadata or {})}
+    shard: dict[str, np.ndarray] = {}
+    files: list[tuple[str, list[str]]] = []  # written shards: (temporary file name, its tensors)
+    size = total = 0
+
+    def flush(last: bool) -> None:
+        if last and not files:  # everything fitted one file
+            save_file(shard, str(directory / SINGLE_FILE), metadata=metadata)
+            return
+        file = f"model-{len(files) + 1:05d}.safetensors"  # renamed "-of-N" once N is known
+        save_file(shard, str(directory / file), metadata=metadata)
+        files.append((file, list(shard)))
+        shard.clear()
+
+    for name, array in tensors:
+        if shard and size + array.nbytes > max_shard_bytes:
+            flush(last=False)
+            size = 0
+        shard[name] = array
+        size += array.nbytes
+        total += array.nbytes
+    flush(last=True)
+    if files:
+        weight_map = {}
+        for i, (file, names) in enumerate(files):
+            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            (directory / file).rename(directory / final)
+            weight_map |= {name: final for name in names}
+        write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
 def write_random_checkpoint(spec: ModelSpec, out: Path, *, seed: int = 0, std: float = 0.15,
                             max_shard_bytes: int = 2 << 30) -> Path:
     """Write config.json + random safetensors (sharded above `max_shard_bytes`) to `out`, atomically."""
@@ -145,22 +181,5 @@ def write_random_checkpoint(spec: ModelSpec, out: Path, *, seed: int = 0, std: f
         write_json(tmp / "config.json", spec.family.config_to_hf(spec.config))
         for name, content in spec.family.checkpoint_files(spec.config).items():
             write_json(tmp / name, content)
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name, array in random_tensors(spec, seed=seed, std=std):
-            if shards[-1] and size + array.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = array
-            size += array.nbytes
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / file), metadata={"format": "pt"})
-                weight_map |= {name: file for name in shard}
-            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(
-                a.nbytes for s in shards for a in s.values())}, "weight_map": weight_map})
+        write_tensors(tmp, random_tensors(spec, seed=seed, std=std), max_shard_bytes=max_shard_bytes)
     return Path(out)
