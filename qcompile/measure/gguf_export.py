@@ -23,7 +23,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import UserError
-from ..run.weights import _tensor_files
+from ..run.weights import tensor_files
 from ..spec.model import ModelSpec
 
 ARCH = "qwen2"
@@ -105,7 +105,7 @@ def _check_shapes(spec: ModelSpec, checkpoint: Path, names: dict[str, str]) -> d
     safetensors headers only)."""
     from safetensors import safe_open  # noqa: PLC0415
 
-    files = _tensor_files(checkpoint)
+    files = tensor_files(checkpoint)
     expected = spec.family.hf_tensors(spec.config)
     for name in names:
         if name not in files:

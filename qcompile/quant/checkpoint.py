@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_dir, write_json
 from ..errors import UserError
-from ..run.weights import INDEX_FILE, _tensor_files, write_tensors
+from ..run.weights import INDEX_FILE, tensor_files, write_tensors
 from ..spec.model import load_checkpoint_config
 from ..spec.schema import read_json_object
 from . import schemes
@@ -67,7 +67,7 @@ def read_quantization(directory: str | Path) -> tuple[Scheme, int] | None:
     group_size = record.get("group_size")
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise UserError(f"{path}: 'group_size' must be an integer, got {group_size!r}")
-    for file in sorted(set(_tensor_files(directory).values())):
+    for file in sorted(set(tensor_files(directory).values())):
         if _file_metadata(file).get("quantization") != _metadata_text(scheme, group_size):
             raise UserError(f"{file}: its metadata does not record {scheme.name} at group size "
                             f"{group_size}, as {QUANTIZATION_FILE} does")
@@ -118,7 +118,7 @@ class CheckpointTensors:
         if not self.directory.is_dir():
             raise UserError(f"{self.directory}: checkpoint directory not found")
         self.quantization = read_quantization(self.directory)
-        self._files = _tensor_files(self.directory)  # stored name -> file
+        self._files = tensor_files(self.directory)  # stored name -> file
         self.shapes: dict[str, tuple[int, ...]] = {}  # HF name -> float shape
         headers = {}
         for file in sorted(set(self._files.values())):

@@ -29,7 +29,7 @@ RANDOM_MARKER = ".qcompile-random-weights"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
+def tensor_files(directory: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file that holds it."""
     index = directory / INDEX_FILE
     if index.exists():
@@ -64,7 +64,7 @@ def load_parameters(spec: ModelSpec, directory: Path,
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: checkpoint directory not found")
-    files = _tensor_files(directory)
+    files = tensor_files(directory)
     # Our name -> the name in the file: older spellings carry a prefix today's names lack.
     on_disk = {}
     for name in files:
