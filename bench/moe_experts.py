@@ -22,8 +22,8 @@ import numpy as np
 import qcompile
 from qcompile.measure import reference
 from qcompile.models.qwen3_moe import Qwen3MoeConfig
-from qcompile.weights import write_random_checkpoint
-from qcompile.zoo import ModelSpec
+from qcompile.run.weights import write_random_checkpoint
+from qcompile.spec.model import ModelSpec
 from qcompile.models import FAMILIES
 
 BASE = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,

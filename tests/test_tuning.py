@@ -26,7 +26,7 @@ from qcompile.spec.model import resolve_model
 from tests.conftest import CPU_TOLERANCE, max_rel_diff
 
 MODEL = "qwen2-debug"
-KERNELS = "fused_NT_matmul*"  # the projections (+ bias/residual): untuned they are slow, so few trials win
+KERNELS = "fused_packed_matmul*"  # the projections (+ bias/residual epilogues)
 TRIALS = 3
 
 
@@ -160,9 +160,13 @@ def test_tuning_measures_through_an_rpc_tracker(tmp_path):
     """--rpc: candidates run on a device registered with TVM's RPC tracker (here a local one)."""
     from tvm.s_tir.meta_schedule.testing.local_rpc import LocalRPC
 
+    from qcompile.tune import tasks
+
+    plan = pipeline.plan_build(resolve_model(MODEL), load_target("cpu"), use_schedules=False)
+    one_kernel = tasks.static_tasks(plan, KERNELS)[0][0].task_name
     with LocalRPC() as rpc:
         address = f"{rpc.tracker_host}:{rpc.tracker_port}:{rpc.tracker_key}"
-        report = api.tune(MODEL, trials=2, schedules=tmp_path / "db", kernels="fused_NT_matmul_add",
+        report = api.tune(MODEL, trials=2, schedules=tmp_path / "db", kernels=one_kernel,
                           rpc=address, log=lambda _m: None, show_progress=False)
     assert report["measured_on"] == address
     assert [t["trials"] for t in report["tasks"]] == [2] and report["tasks"][0]["tuned_seconds"] > 0
