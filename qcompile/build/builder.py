@@ -54,7 +54,9 @@ def export(plan: BuildPlan) -> tuple[Any, list[tuple[str, Any]]]:
     A bucket is the bucketed entry point traced again with its dynamic dim fixed (so its kernels get
     static shapes), exported under `<function>_<size>`."""
     spec = plan.spec
-    module = spec.family.build(spec.config, plan.dtype)
+    module = spec.family.build(plan.model_config, plan.dtype)
+    if plan.parallel:
+        module.shard(plan.parallel.shards)  # an all-reduce after each row-parallel projection
     specs = module.export_spec()
     buckets = plan.buckets
     for size in buckets["sizes"]:
@@ -123,6 +125,8 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "device_code": device_code,
         "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
                             if plan.schedules else None),
+        # Tensor-parallel split: plan, shard count, one shard's config fields (`parameters` are per shard).
+        "parallel": plan.parallel.record(spec.config) if plan.parallel else None,
         "cpu_rules": report.rule,  # kernel -> the qcompile CPU rule that scheduled it (no record in a database)
         "identity": plan.identity(),
         "build": {"seconds": round(time.perf_counter() - start, 2),

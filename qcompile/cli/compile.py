@@ -23,6 +23,10 @@ def add(sub) -> None:
                    help="tuning database directory to apply (default: every one committed for TARGET, "
                         "and those under $QCOMPILE_SCHEDULES/TARGET/)")
     p.add_argument("--no-schedules", action="store_true", help="default schedules only (no tuning database)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N devices by its family's plan (q/k/v, gate/up column-wise; "
+                        "o, down row-wise with an all-reduce after each); heads, kv heads and intermediate "
+                        "sizes must divide by N")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -31,7 +35,8 @@ def run(args) -> None:
     if args.output is None and not args.register:
         raise UserError("compile: give -o DIR, --register, or both")
     options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=progress(args),
-                   schedules=args.schedules, use_schedules=not args.no_schedules)
+                   schedules=args.schedules, use_schedules=not args.no_schedules,
+                   tensor_parallel=args.tensor_parallel)
     if args.register:
         entry, built = api.register_model(args.model, copy_to=args.output, **options)
         manifest = entry.manifest
@@ -42,7 +47,8 @@ def run(args) -> None:
         return emit_json({"output": str(args.output) if args.output else None,
                           "registry_key": entry.key if args.register else None,
                           **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
-                                                      "parameter_count", "library", "build")}})
+                                                      "parameter_count", "library", "build")},
+                          "parallel": manifest.get("parallel")})
     built_note = f"built in {manifest['build']['seconds']} s" if not args.register or built else "reused"
     print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
           f"{manifest['dtype']}, {built_note}): {where}"

@@ -23,7 +23,14 @@ def attention(cfg: DecoderConfig, window: int | None, dtype: str, *, qkv_bias: b
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). The family chooses attn and mlp."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). The family chooses attn and mlp.
+
+    Tensor-parallel (`shards` > 1, set by `CausalLM.shard`): attention and the MLP / MoE block each end
+    in a row-parallel projection (o_proj, down_proj), so each shard holds a partial sum of their output;
+    one all-reduce after each makes it whole (Disco's `runtime.disco.allreduce`).
+    """
+
+    shards = 1
 
     def __init__(self, cfg: DecoderConfig, self_attn: nn.Module, mlp: nn.Module, dtype: str):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -33,8 +40,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor):
         attn, k, v = self.self_attn(self.input_layernorm(x), past_k, past_v)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        x = x + self._whole(attn)
+        return x + self._whole(self.mlp(self.post_attention_layernorm(x))), k, v
+
+    def _whole(self, partial: Tensor) -> Tensor:
+        return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
 
 
 class DecoderModel(nn.Module):
@@ -56,6 +66,11 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(cfg, layers, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+
+    def shard(self, shards: int) -> None:
+        """Make this (built with one shard's config) one of `shards` tensor-parallel shards."""
+        for layer in self.model.layers:
+            layer.shards = shards
 
     def _forward(self, input_ids: Tensor, kv_cache: list[Tensor]):
         x = self.model.embed_tokens(input_ids)  # [n, hidden]
