@@ -107,9 +107,13 @@ class ShardedDecoder(Decoder):
             session.init_ccl(ccl, *range(split.shards))
         self._vm = session.load_vm_module(str(library))
         self._params = session.get_global_func("qcompile.parallel.load_shard")(self._directory, str(weights))
+        failures = session.get_global_func("qcompile.parallel.failure")(self._params)
+        messages = [failures.debug_get_from_remote(w) for w in range(split.shards)]  # waits for every load
+        if any(messages):
+            self.close()
+            raise UserError(next(m for m in messages if m))
         self._empty_cache_on_workers = session.get_global_func("qcompile.parallel.empty_cache")
         self._item = session.get_global_func("ffi.ArrayGetItem")
-        session._sync_all()  # every worker has loaded (a loading error surfaces here)
         self.device = tvm_ffi.device(kind, 0)
         self._host_empty = importlib.import_module("tvm").runtime.empty
 
@@ -127,8 +131,11 @@ class ShardedDecoder(Decoder):
         return host.numpy()
 
     def close(self) -> None:
+        """End the workers: the session's destructor shuts them down once the last reference to it (every
+        remote object holds one) is gone. (An explicit `shutdown()` would be repeated by the destructor,
+        on closed pipes: TVM aborts the process.)"""
         if self._session is not None:
-            self._session.shutdown()
+            self._vm = self._params = self._cache = self._item = self._empty_cache_on_workers = None
             self._session = None
             self._private.cleanup()
         super().close()

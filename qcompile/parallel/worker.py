@@ -8,6 +8,7 @@ too, so every worker has the same functions:
   qcompile.parallel.load_shard(library_dir, weights_dir) -> [Tensor]: this worker's parameters, read as
       its slices of the HF checkpoint (never a full copy of a split tensor), on its device
   qcompile.parallel.empty_cache(library_dir) -> [Tensor]: its empty KV cache (its share of the kv heads)
+  qcompile.parallel.failure(result) -> str: the UserError a function returned instead of raising it
   and, on a CPU session, the gloo bridge (`bridge`).
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 from tvm_ffi import get_global_func, register_global_func
 
 from ..build.library import read_manifest
+from ..errors import UserError
 from ..run import tvm_runtime
 from ..run.weights import load_parameters
 from ..spec.model import ModelSpec
@@ -35,8 +37,26 @@ def _device() -> Any:
     return get_global_func("runtime.disco.device")()
 
 
+def _user_errors_returned(func):
+    """A UserError (a bad checkpoint, say) is returned as its message: raised inside a Disco worker it would
+    abort the process. The controller reads each worker's `failure` and raises it there."""
+    def run(*args):
+        try:
+            return func(*args)
+        except UserError as e:
+            return str(e)
+    return run
+
+
+@register_global_func("qcompile.parallel.failure", override=True)
+def failure(result: Any) -> str:
+    """The message a worker function returned instead of its result ("" if it succeeded)."""
+    return result if isinstance(result, str) else ""
+
+
 @register_global_func("qcompile.parallel.load_shard", override=True)
-def load_shard(library: str, weights: str) -> list[Any]:
+@_user_errors_returned
+def load_shard(library: str, weights: str) -> list[Any] | str:
     manifest = read_manifest(Path(library))
     spec, split, rank = ModelSpec.from_manifest(manifest), shards.from_manifest(manifest), _rank()
     params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
