@@ -27,6 +27,10 @@ def add(sub) -> None:
                    help="split the model over N devices by its family's plan (q/k/v, gate/up column-wise; "
                         "o, down row-wise with an all-reduce after each); heads, kv heads and intermediate "
                         "sizes must divide by N")
+    p.add_argument("--pipeline-stages", type=int, default=1, metavar="S",
+                   help="cut the layers into S stages balanced by parameter bytes (embedding with the first, "
+                        "norm and LM head with the last), each its own shared object; combines with "
+                        "--tensor-parallel (S x N workers)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -36,7 +40,7 @@ def run(args) -> None:
         raise UserError("compile: give -o DIR, --register, or both")
     options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=progress(args),
                    schedules=args.schedules, use_schedules=not args.no_schedules,
-                   tensor_parallel=args.tensor_parallel)
+                   tensor_parallel=args.tensor_parallel, pipeline_stages=args.pipeline_stages)
     if args.register:
         entry, built = api.register_model(args.model, copy_to=args.output, **options)
         manifest = entry.manifest
@@ -48,7 +52,7 @@ def run(args) -> None:
                           "registry_key": entry.key if args.register else None,
                           **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
                                                       "parameter_count", "library", "build")},
-                          "parallel": manifest.get("parallel")})
+                          "parallel": manifest.get("parallel"), "pipeline": manifest.get("pipeline")})
     built_note = f"built in {manifest['build']['seconds']} s" if not args.register or built else "reused"
     print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
           f"{manifest['dtype']}, {built_note}): {where}"
