@@ -116,7 +116,8 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
             stage_records.append({"stage": stage.index, "layers": [stage.first_layer, stage.end_layer],
                                   "library": {"file": file, "sha256": library.sha256_file(directory / file)},
                                   "functions": function_signatures(mod), "device_code": checked,
-                                  "parameters": [p["name"] for p in own]})
+                                  # its parameters: parameters[start:end] (a tied embedding is in two)
+                                  "parameter_range": [len(parameters) - len(own), len(parameters)]})
     if plan.schedules:
         log(f"      tuned kernels: {len(report.tuned)}; default schedules: {len(report.default_static)} "
             f"static without a record{': ' + ', '.join(sorted(report.default_static)) if report.default_static else ''}"

@@ -1,23 +1,31 @@
 """What each Disco worker does for itself, and the worker processes' entry point.
 
-`python -m qcompile.parallel.worker ID N GROUPS READ_FD WRITE_FD` is what a ProcessSession started with
-`entrypoint="qcompile.parallel.worker"` runs for workers 1..N-1 (TVM's own `tvm.exec.disco_worker` plus
-this module's registrations). Worker 0 is a thread of the controller process, which imports this module
-too, so every worker has the same functions:
+Workers are numbered stage-major: worker w holds tensor-parallel shard w % N of pipeline stage w // N (N
+shards a stage; Disco's worker groups are the stages). `python -m qcompile.parallel.worker ID N GROUPS
+READ_FD WRITE_FD` is what a ProcessSession started with `entrypoint="qcompile.parallel.worker"` runs for
+workers 1..; worker 0 is a thread of the controller process, which imports this module too, so every
+worker has the same functions:
 
-  qcompile.parallel.load_shard(library_dir, weights_dir) -> [Tensor]: this worker's parameters, read as
-      its slices of the HF checkpoint (never a full copy of a split tensor), on its device
-  qcompile.parallel.empty_cache(library_dir) -> [Tensor]: its empty KV cache (its share of the kv heads)
+  qcompile.parallel.load_module(private_dir, n_shards) -> its stage's VM module (private_dir/stage<s>/model.so)
+  qcompile.parallel.load_shard(library_dir, weights_dir) -> [Tensor]: its stage's parameters, read as its
+      shard's slices of the HF checkpoint (never a full copy of a split tensor), on its device
+  qcompile.parallel.empty_cache(library_dir) -> [Tensor]: its stage's layers' empty KV cache (its share
+      of the kv heads)
+  qcompile.parallel.step(module, function, inputs, cache, params, n_shards, n_stages) -> [logits, cache]:
+      one call of its stage's entry point, the hidden state received from the previous stage and sent to
+      the next (Disco's point-to-point builtins); worker 0 ends with the logits
   qcompile.parallel.failure(result) -> str: the UserError a function returned instead of raising it
-  and, on a CPU session, the gloo bridge (`bridge`).
+and, on a CPU session, the gloo bridge (`bridge`).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tvm_ffi import get_global_func, register_global_func
 
 from ..build.library import read_manifest
@@ -28,7 +36,7 @@ from ..spec.model import ModelSpec
 from . import shards
 
 
-def _rank() -> int:
+def _worker() -> int:
     return int(get_global_func("runtime.disco.worker_rank")())
 
 
@@ -37,9 +45,21 @@ def _device() -> Any:
     return get_global_func("runtime.disco.device")()
 
 
+def _place(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    """(stage, shard within the stage, shards per stage) of this worker."""
+    n = (manifest.get("parallel") or {}).get("tensor_parallel", 1)
+    return _worker() // n, _worker() % n, n
+
+
+def _stage_record(manifest: dict[str, Any], stage: int) -> dict[str, Any] | None:
+    pipeline = manifest.get("pipeline")
+    return pipeline["stages"][stage] if pipeline else None
+
+
 def _user_errors_returned(func):
     """A UserError (a bad checkpoint, say) is returned as its message: raised inside a Disco worker it would
     abort the process. The controller reads each worker's `failure` and raises it there."""
+    @functools.wraps(func)
     def run(*args):
         try:
             return func(*args)
@@ -50,32 +70,69 @@ def _user_errors_returned(func):
 
 @register_global_func("qcompile.parallel.failure", override=True)
 def failure(result: Any) -> str:
-    """The message a worker function returned instead of its result ("" if it succeeded)."""
     return result if isinstance(result, str) else ""
+
+
+@register_global_func("qcompile.parallel.load_module", override=True)
+def load_module(private_dir: str, n_shards: int) -> Any:
+    stage = _worker() // n_shards
+    return get_global_func("runtime.disco.load_vm_module")(str(Path(private_dir) / f"stage{stage}" / "model.so"),
+                                                          None)
 
 
 @register_global_func("qcompile.parallel.load_shard", override=True)
 @_user_errors_returned
 def load_shard(library: str, weights: str) -> list[Any] | str:
     manifest = read_manifest(Path(library))
-    spec, split, rank = ModelSpec.from_manifest(manifest), shards.from_manifest(manifest), _rank()
+    spec, split = ModelSpec.from_manifest(manifest), shards.from_manifest(manifest)
+    stage, shard, _ = _place(manifest)
     params = [(p["name"], p["shape"], p["dtype"]) for p in manifest["parameters"]]
+    record = _stage_record(manifest, stage)
+    if record is not None:
+        params = params[slice(*record["parameter_range"])]
+    slicing = (lambda name, shape: split.tensor_slice(name, shape, shard)) if split else None
     rt, device = tvm_runtime.runtime(), _device()
-    return [rt.tensor(a, device) for a in load_parameters(
-        spec, Path(weights), params, shard=lambda name, shape: split.tensor_slice(name, shape, rank))]
+    return [rt.tensor(a, device) for a in load_parameters(spec, Path(weights), params, shard=slicing)]
 
 
 @register_global_func("qcompile.parallel.empty_cache", override=True)
 def empty_cache(library: str) -> list[Any]:
-    """2 * layers empty tensors [0, kv_heads / shards, head_dim] (k0, v0, k1, ...), the library's dtype."""
-    import numpy as np  # noqa: PLC0415
-
+    """Its stage's layers' empty tensors [0, kv_heads / shards, head_dim] (k, v per layer)."""
     manifest = read_manifest(Path(library))
-    config = ModelSpec.from_manifest(manifest).config
-    shard = shards.from_manifest(manifest).shard_config(config)
+    config, split = ModelSpec.from_manifest(manifest).config, shards.from_manifest(manifest)
+    shard = split.shard_config(config) if split else config
+    record = _stage_record(manifest, _place(manifest)[0])
+    layers = record["layers"][1] - record["layers"][0] if record else config.num_hidden_layers
     entry = np.zeros((0, shard.num_key_value_heads, shard.resolved_head_dim), manifest["dtype"])
     rt, device = tvm_runtime.runtime(), _device()
-    return [rt.tensor(entry, device) for _ in range(2 * config.num_hidden_layers)]
+    return [rt.tensor(entry, device) for _ in range(2 * layers)]
+
+
+@register_global_func("qcompile.parallel.step", override=True)
+def step(module: Any, function: str, inputs: Any, cache: Any, params: Any, n_shards: int, n_stages: int,
+         hidden: int, vocab: int, dtype: str) -> list[Any]:
+    """One call of this worker's stage: inputs (token ids [n]) -> [logits on worker 0 (else None), cache].
+    A stage after the first receives the hidden state [n, hidden] from its counterpart in the previous
+    stage; a stage before the last sends its output on; the last stage's first shard sends the logits
+    to worker 0."""
+    rt, device = tvm_runtime.runtime(), _device()
+    stage, n = _worker() // n_shards, int(inputs.shape[0])
+    x = inputs
+    if stage > 0:
+        x = rt.tensor(np.zeros((n, hidden), dtype), device)
+        get_global_func("runtime.disco.recv_from_prev_group")(x)
+    out, cache = module[function](x, cache, params)
+    if stage < n_stages - 1:
+        get_global_func("runtime.disco.send_to_next_group")(out)
+        out = None
+    if n_stages > 1:
+        last = (n_stages - 1) * n_shards  # the last stage's first shard
+        if _worker() == last:
+            get_global_func("runtime.disco.send_to_worker")(out, 0)
+        elif _worker() == 0:
+            out = rt.tensor(np.zeros((n, vocab), np.float32), device)
+            get_global_func("runtime.disco.recv_from_worker")(out, last)
+    return [out, cache]
 
 
 def main() -> None:

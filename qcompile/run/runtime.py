@@ -108,12 +108,13 @@ class Library:
         self._vm = rt.virtual_machine(module, self.device)
         self._tensor, self._numpy = rt.tensor, rt.numpy
 
-    def _function(self, name: str, size: int) -> Any:
-        """The VM function for a call of `name` whose dynamic dimension is `size`: its static copy
+    def _function_name(self, name: str, size: int) -> str:
+        """The entry point for a call of `name` whose dynamic dimension is `size`: its static copy
         (tuned kernels) when one was built for that size, else the symbolic-shape function."""
-        if name == self._bucketed and size in self._bucket_sizes:
-            name = f"{name}_{size}"
-        return self._vm[name]
+        return f"{name}_{size}" if name == self._bucketed and size in self._bucket_sizes else name
+
+    def _function(self, name: str, size: int) -> Any:
+        return self._vm[self._function_name(name, size)]
 
     def close(self) -> None:
         """Release the registry entry (if loaded from one) so gc may evict it."""
@@ -260,7 +261,7 @@ def load(directory: str | Path, *, weights: str | Path, lock_fd: int | None = No
     directory = Path(directory)
     manifest = read_manifest(directory)
     runtime = ModelSpec.from_manifest(manifest).kind.runtime_class()
-    if (manifest.get("parallel") or {}).get("tensor_parallel", 1) > 1:
+    if (manifest.get("parallel") or {}).get("tensor_parallel", 1) > 1 or manifest.get("pipeline"):
         from ..parallel.session import ShardedDecoder  # noqa: PLC0415 (Disco: only for split libraries)
 
         runtime = ShardedDecoder
