@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -88,37 +89,61 @@ def test_shards_read_their_slices_of_the_fused_projections(tmp_path):
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts], axis=1), whole[1])
 
 
-@pytest.fixture(scope="module", params=["qwen2-debug", "qwen2-sw-debug", "qwen3-moe-debug", "moe-bias"])
-def split(request, tmp_path_factory, libraries):
-    """(unsharded library, --tensor-parallel 2 library run as 2 Disco workers, transformers)."""
-    root = tmp_path_factory.mktemp("tp")
-    if request.param == "moe-bias":  # o_proj with a bias: row-parallel, added once (by shard 0)
-        ckpt = write_hf_checkpoint(root / "ckpt", family="qwen3_moe", seed=3, std=0.25, attention_bias=True,
-                                   norm_topk_prob=True)
-        model = ckpt
-    else:
-        model, ckpt = request.param, qcompile.init_weights(request.param, out=root / "ckpt")
-    whole = qcompile.load(libraries.get(model, max_seq_len=64), weights=ckpt)
-    sharded = qcompile.load(libraries.get(model, max_seq_len=64, tensor_parallel=2), weights=ckpt)
-    yield whole, sharded, reference.load_causal_lm(ckpt)
-    sharded.close()
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Per model: (checkpoint, transformers model, unsharded library loaded), made once."""
+    made = {}
+
+    def get(model: str, libraries):
+        if model not in made:
+            root = tmp_path_factory.mktemp("tp")
+            if model == "moe-bias":  # o_proj with a bias: row-parallel, added once (by shard 0)
+                source = ckpt = write_hf_checkpoint(root / "ckpt", family="qwen3_moe", seed=3, std=0.25,
+                                                    attention_bias=True, norm_topk_prob=True)
+            else:
+                source, ckpt = model, qcompile.init_weights(model, out=root / "ckpt")
+            made[model] = (source, ckpt, reference.load_causal_lm(ckpt),
+                           qcompile.load(libraries.get(source, max_seq_len=64), weights=ckpt))
+        return made[model]
+
+    return get
 
 
-def test_tp2_matches_unsharded_and_transformers(split):
-    whole, sharded, hf = split
-    ours = sharded.prefill(PROMPT)
-    assert max_rel_diff(ours, reference.logits(hf, PROMPT)) <= CPU_TOLERANCE
-    assert max_rel_diff(ours, whole.prefill(PROMPT)) <= CPU_TOLERANCE
-    new = sharded.generate(PROMPT, NEW_TOKENS)
+# (model, tensor-parallel shards, pipeline stages): TP 2, PP 2 and TP 2 x PP 2 for each debug decoder (their
+# 2 kv heads rule out TP 4), and TP 2 over an o_proj with a bias. Each case compiles a library and starts
+# tp x pp worker processes (~30 s on 2 busy cores), so by default the suite runs the three that exercise
+# every part once: sharded qkv bias + GQA, stages with a tied LM head and sliding windows, sliced experts with
+# stages composed (the row-parallel bias rule: test_tensor_slices_follow_the_plan). QCOMPILE_ALL_SPLITS=1
+# runs all ten.
+SPLITS = [(m, tp, pp) for m in ("qwen2-debug", "qwen2-sw-debug", "qwen3-moe-debug")
+          for tp, pp in ((2, 1), (1, 2), (2, 2))] + [("moe-bias", 2, 1)]
+DEFAULT_SPLITS = {("qwen2-debug", 2, 1), ("qwen2-sw-debug", 1, 2), ("qwen3-moe-debug", 2, 2)}
+
+
+@pytest.mark.parametrize("model,tp,pp", SPLITS, ids=[f"{m}-tp{tp}-pp{pp}" for m, tp, pp in SPLITS])
+def test_split_library_matches_unsharded_and_transformers(model, tp, pp, checkpoints, libraries):
+    """The split library, run as tp x pp Disco workers (gloo all-reduce), vs the unsharded library and
+    transformers: prompt logits, greedy tokens and the decode steps' logits."""
+    if (model, tp, pp) not in DEFAULT_SPLITS and not os.environ.get("QCOMPILE_ALL_SPLITS"):
+        pytest.skip("one of the ten splits beyond the default three (QCOMPILE_ALL_SPLITS=1 runs it)")
+    source, ckpt, hf, whole = checkpoints(model, libraries)
+    split = qcompile.load(libraries.get(source, max_seq_len=64, tensor_parallel=tp, pipeline_stages=pp),
+                          weights=ckpt)
+    try:
+        ours = split.prefill(PROMPT)
+        assert max_rel_diff(ours, reference.logits(hf, PROMPT)) <= CPU_TOLERANCE
+        assert max_rel_diff(ours, whole.prefill(PROMPT)) <= CPU_TOLERANCE
+        new = split.generate(PROMPT, NEW_TOKENS)
+    finally:
+        split.close()
     np.testing.assert_array_equal(new, whole.generate(PROMPT, NEW_TOKENS))
     np.testing.assert_array_equal(new, reference.greedy_generate(hf, PROMPT, NEW_TOKENS).new_ids)
-    # the decode steps' logits too (each step's all-reduces over a growing per-shard cache)
     ref = reference.logits(hf, np.concatenate([PROMPT, new]))[len(PROMPT) - 1:-1]
-    assert max_rel_diff(sharded.last_step_logits, ref) <= CPU_TOLERANCE
+    assert max_rel_diff(split.last_step_logits, ref) <= CPU_TOLERANCE
 
 
 def test_manifest_records_the_split(libraries):
-    manifest = json.loads((libraries.get("qwen2-debug", max_seq_len=64, tensor_parallel=2)
+    manifest = json.loads((libraries.get("qwen2-debug", max_seq_len=64, tensor_parallel=2, pipeline_stages=1)
                            / "manifest.json").read_text())
     c = resolve_model("qwen2-debug").config
     assert manifest["parallel"]["tensor_parallel"] == 2
@@ -128,12 +153,40 @@ def test_manifest_records_the_split(libraries):
     shapes = {p["name"]: p["shape"] for p in manifest["parameters"]}  # one shard's
     assert shapes["model.layers.0.self_attn.o_proj.weight"] == [c.hidden_size, c.hidden_size // 2]
     assert shapes["model.embed_tokens.weight"] == [c.vocab_size, c.hidden_size]  # replicated
-    assert manifest["identity"]["parallel"] == manifest["parallel"]
+    assert manifest["identity"]["parallel"] == manifest["parallel"] and manifest["pipeline"] is None
+
+
+def test_manifest_records_the_stages(libraries):
+    """qwen2-sw-debug (3 layers, tied LM head) in 2 stages: its own shared object and parameters each."""
+    directory = libraries.get("qwen2-sw-debug", max_seq_len=64, tensor_parallel=1, pipeline_stages=2)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    stages = manifest["pipeline"]["stages"]
+    assert [s["layers"] for s in stages] == [[0, 2], [2, 3]]  # the embedding weighs as much as a layer
+    assert [s["library"]["file"] for s in stages] == ["model.so", "model.stage1.so"]
+    names = [p["name"] for p in manifest["parameters"]]
+    first, last = (names[slice(*s["parameter_range"])] for s in stages)
+    assert first[0] == "model.embed_tokens.weight" and "model.layers.1.mlp.down_proj.weight" in first
+    assert "model.layers.2.mlp.down_proj.weight" in last and "model.norm.weight" in last
+    assert "model.embed_tokens.weight" in last  # the tied LM head
+    assert list(stages[1]["functions"]["prefill"]["inputs"]) == ["inputs", "kv_cache", "packed_params"]
+    assert stages[1]["functions"]["prefill"]["inputs"]["inputs"]["shape"] == ["n", 64]  # the hidden state
+
+
+def test_bad_checkpoint_is_one_line_from_the_workers(tmp_path, libraries):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = qcompile.init_weights("qwen2-debug", out=tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(UserError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        qcompile.load(libraries.get("qwen2-debug", max_seq_len=64, tensor_parallel=2, pipeline_stages=1),
+                      weights=ckpt)
 
 
 def test_cli_runs_a_sharded_cpu_library(tmp_path, libraries):
     ckpt = qcompile.init_weights("qwen2-debug", out=tmp_path / "ckpt")
-    library = libraries.get("qwen2-debug", max_seq_len=64, tensor_parallel=2)
+    library = libraries.get("qwen2-debug", max_seq_len=64, tensor_parallel=2, pipeline_stages=1)
     ids = " ".join(map(str, PROMPT[:6]))
     proc = subprocess.run([sys.executable, "-m", "qcompile", "run", str(library), "--weights", str(ckpt),
                            "--prompt-ids", ids, "--max-new-tokens", "4", "--json"],
