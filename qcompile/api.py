@@ -265,7 +265,10 @@ def inspect(library: str | os.PathLike) -> dict[str, Any]:
             "device_code": manifest.get("device_code"),
             "device_modules_in_library": device_modules(Path(library) / LIBRARY),
             "toolchain": manifest["identity"]["toolchain"], "versions": manifest["versions"],
-            "tuning_database": manifest.get("tuning_database"), "library": manifest["library"]}
+            "tuning_database": manifest.get("tuning_database"), "library": manifest["library"],
+            "parallel": manifest.get("parallel"),
+            "pipeline": [{k: s[k] for k in ("stage", "layers", "library")}
+                         for s in (manifest.get("pipeline") or {}).get("stages", [])] or None}
 
 
 def registry():

@@ -138,7 +138,7 @@ def step(module: Any, function: str, inputs: Any, cache: Any, params: Any, n_sha
 def main() -> None:
     """A worker process: TVM's Disco worker loop, after this module's registrations (and the gloo
     bridge's, when torch is there: the controller checks it is before a CPU session starts)."""
-    import tvm  # noqa: F401, PLC0415 (full TVM: the Disco worker loop and the VM)
+    tvm_runtime.runtime()  # full TVM (the Disco worker loop, the VM), from $TVM_LIBRARY_PATH if set
 
     try:
         from . import bridge  # noqa: F401, PLC0415
