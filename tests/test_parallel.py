@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import qcompile
 from qcompile.errors import UserError
 from qcompile.measure import reference
 from qcompile.parallel.shards import TensorParallel
+from qcompile.parallel.stages import device_parameter_counts, partition
 from qcompile.run.weights import load_parameters
 from qcompile.spec.model import resolve_model
 
@@ -154,6 +156,19 @@ def test_manifest_records_the_split(libraries):
     assert shapes["model.layers.0.self_attn.o_proj.weight"] == [c.hidden_size, c.hidden_size // 2]
     assert shapes["model.embed_tokens.weight"] == [c.vocab_size, c.hidden_size]  # replicated
     assert manifest["identity"]["parallel"] == manifest["parallel"] and manifest["pipeline"] is None
+
+
+def test_device_parameter_counts_match_the_built_shards(libraries):
+    """The memory plan's hook counts what each device's library parameters hold."""
+    for model, tp, pp in (("qwen2-debug", 2, 1), ("qwen2-sw-debug", 1, 2)):
+        spec = resolve_model(model)
+        split = TensorParallel.for_model(spec, tp) if tp > 1 else None
+        counts = device_parameter_counts(spec, split, partition(spec, pp) if pp > 1 else None)
+        manifest = json.loads((libraries.get(model, max_seq_len=64, tensor_parallel=tp, pipeline_stages=pp)
+                               / "manifest.json").read_text())
+        ranges = [s["parameter_range"] for s in (manifest["pipeline"] or {"stages": [
+            {"parameter_range": [0, len(manifest["parameters"])]}]})["stages"]]
+        assert counts == [sum(math.prod(p["shape"]) for p in manifest["parameters"][slice(*r)]) for r in ranges]
 
 
 def test_manifest_records_the_stages(libraries):

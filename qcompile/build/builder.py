@@ -135,7 +135,8 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "prefill_chunk": plan.prefill_chunk,
         "functions": functions,  # stage 0's when pipelined (each stage's: `pipeline`)
         "parameters": parameters,
-        "parameter_count": sum(math.prod(p["shape"]) for p in parameters),
+        # (one shard's when split; a tied embedding two stages hold counted once)
+        "parameter_count": sum(math.prod(p["shape"]) for p in {p["name"]: p for p in parameters}.values()),
         "active_parameter_count": spec.family.active_parameter_count(spec.config),
         "library": {"file": library.LIBRARY, "sha256": library.sha256_file(directory / library.LIBRARY)},
         "versions": versions(),

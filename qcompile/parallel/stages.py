@@ -91,3 +91,27 @@ def record(spec: Any, cut: list[Stage]) -> list[dict[str, Any]]:
     return [{"stage": s.index, "layers": [s.first_layer, s.end_layer],
              "parameter_count": sum(layers[s.first_layer:s.end_layer]) + (first if s.is_first else 0)
              + (last if s.is_last else 0)} for s in cut]
+
+
+def device_parameter_counts(spec: Any, split: Any | None, cut: list[Stage] | None) -> list[int]:
+    """Per stage, the parameters each of its devices holds (every shard of a stage holds as many): its
+    tensors, those the plan splits (`split`, a `shards.TensorParallel`) divided by the shard count. The
+    hook for a per-device memory plan (weights bytes = count x dtype size)."""
+    cut = cut or [Stage(0, 0, spec.config.num_hidden_layers, True, True)]
+    counts = [0] * len(cut)
+    stage_of = {layer: s.index for s in cut for layer in s.layers}
+    for name, shape in spec.family.hf_tensors(spec.config).items():
+        layer = _LAYER.match(name)
+        if layer:
+            owners = [stage_of[int(layer.group(1))]]
+        elif name == "model.embed_tokens.weight":
+            owners = sorted({0, len(cut) - 1} if spec.config.tie_word_embeddings else {0})
+        else:
+            owners = [len(cut) - 1]
+        size = math.prod(shape)
+        if split is not None:
+            region = split.tensor_slice(name, tuple(shape), 0).region
+            size = math.prod(len(range(*r.indices(d))) for r, d in zip(region, shape, strict=True))
+        for s in owners:
+            counts[s] += size
+    return counts
