@@ -21,7 +21,8 @@ Log = Callable[[str], None]
 
 
 def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
-          schedules: str | os.PathLike | None = None, use_schedules: bool = True):
+          schedules: str | os.PathLike | None = None, use_schedules: bool = True, tensor_parallel: int = 1,
+          pipeline_stages: int = 1):
     try:
         from .build.plan import plan_build  # noqa: PLC0415
     except ModuleNotFoundError as e:  # a deploy bundle ships the runtime part alone
@@ -30,7 +31,8 @@ def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
         raise UserError(f"{getattr(model, 'name', model)}: this qcompile is runtime-only (a deploy bundle): "
                         "give a library directory, not a MODEL") from None
     return plan_build(resolve_model(model), load_target(target), dtype=dtype, max_seq_len=max_seq_len,
-                      use_schedules=use_schedules, schedules=Path(schedules) if schedules is not None else None)
+                      use_schedules=use_schedules, schedules=Path(schedules) if schedules is not None else None,
+                      tensor_parallel=tensor_parallel, pipeline_stages=pipeline_stages)
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -38,15 +40,17 @@ def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
 def compile_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, out: str | os.PathLike,
                   dtype: str | None = None, max_seq_len: int | None = None,
                   schedules: str | os.PathLike | None = None, use_schedules: bool = True,
-                  log: Log = print) -> dict[str, Any]:
+                  tensor_parallel: int = 1, pipeline_stages: int = 1, log: Log = print) -> dict[str, Any]:
     """Build MODEL for TARGET into library directory OUT (atomic); returns the manifest. Kernels come
     from the tuning database SCHEDULES (default: the target's committed ones) unless use_schedules is
-    False; kernels without a record get default schedules."""
+    False; kernels without a record get default schedules. TENSOR_PARALLEL > 1: the library is one
+    shard of that many, split by the family's plan; PIPELINE_STAGES > 1: the layers cut into that many
+    stages (balanced by bytes), each its own shared object. `load` runs shards x stages as Disco workers."""
     from .atomic import atomic_dir  # noqa: PLC0415
     from .build.builder import write_library  # noqa: PLC0415
     from .build.library import is_library_dir  # noqa: PLC0415
 
-    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, tensor_parallel, pipeline_stages)
     with atomic_dir(Path(out), replaceable=is_library_dir) as tmp:
         return write_library(plan, tmp, log=log)
 
@@ -54,14 +58,17 @@ def compile_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, out
 def register_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, dtype: str | None = None,
                    max_seq_len: int | None = None, copy_to: str | os.PathLike | None = None,
                    schedules: str | os.PathLike | None = None, use_schedules: bool = True,
-                   log: Log = print):
+                   tensor_parallel: int = 1, pipeline_stages: int = 1, log: Log = print):
     """Build MODEL for TARGET into the registry unless an identical build is there; optionally copy the
     entry to a library directory COPY_TO (atomic). Returns (the registry.Entry, whether it was built now)."""
     from . import registry  # noqa: PLC0415
     from .atomic import atomic_dir  # noqa: PLC0415
     from .build.library import LIBRARY, MANIFEST, is_library_dir  # noqa: PLC0415
 
-    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, tensor_parallel, pipeline_stages)
+    if plan.stages:
+        raise UserError("--register: a pipelined library (several shared objects) is not kept in the registry "
+                        "yet; use -o DIR")
     store = registry.Registry()
     key, built, lock_fd = store.publish(plan, log=log)
     try:  # the shared lock keeps gc away while we read and copy
@@ -284,7 +291,10 @@ def inspect(library: str | os.PathLike) -> dict[str, Any]:
             "device_modules_in_library": device_modules(Path(library) / LIBRARY),
             "toolchain": manifest["identity"]["toolchain"], "versions": manifest["versions"],
             "tuning_database": manifest.get("tuning_database"), "library": manifest["library"],
-            "memory_plan": manifest.get("memory_plan")}
+            "memory_plan": manifest.get("memory_plan"),
+            "parallel": manifest.get("parallel"),
+            "pipeline": [{k: s[k] for k in ("stage", "layers", "library")}
+                         for s in (manifest.get("pipeline") or {}).get("stages", [])] or None}
 
 
 def memory_plan(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, dtype: str | None = None,

@@ -15,6 +15,8 @@ from typing import Any
 
 from . import devicecode, library, lowering, memory
 from ..atomic import write_json
+from ..parallel import stages
+from ..parallel.stages import Stage, stage_parameter_name
 from .plan import BuildPlan, versions
 
 PACKED_PARAMS = "packed_params"  # nn.Module.export_tvm's name for the weights tuple
@@ -48,13 +50,18 @@ def function_signatures(mod: Any) -> dict[str, Any]:
     return out
 
 
-def export(plan: BuildPlan) -> tuple[Any, list[tuple[str, Any]]]:
-    """The model as a Relax module (entry points + their static buckets) and its parameter specs.
+def export(plan: BuildPlan, stage: Stage | None = None) -> tuple[Any, list[tuple[str, Any]]]:
+    """The model (or one pipeline stage of it) as a Relax module (entry points + their static buckets)
+    and its parameter specs, named as the whole model's.
 
     A bucket is the bucketed entry point traced again with its dynamic dim fixed (so its kernels get
     static shapes), exported under `<function>_<size>`."""
     spec = plan.spec
-    module = spec.family.build(spec.config, plan.dtype)
+    module = spec.family.build(plan.model_config, plan.dtype)
+    if plan.parallel:
+        module.shard(plan.parallel.shards)  # an all-reduce after each row-parallel projection
+    if stage is not None:
+        module = module.pipeline_stage(stage.first_layer, stage.end_layer, stage.is_first, stage.is_last)
     if plan.packed_weights:
         from ..models.packing import pack_weights  # noqa: PLC0415
 
@@ -65,7 +72,8 @@ def export(plan: BuildPlan) -> tuple[Any, list[tuple[str, Any]]]:
         name = f"{buckets['function']}_{size}"
         object.__setattr__(module, name, getattr(module, buckets["function"]))  # export_tvm looks up by name
         specs[name] = _fix_dim(specs[buckets["function"]], buckets["dim"], size)
-    return module.export_tvm(spec=specs)
+    mod, params = module.export_tvm(spec=specs)
+    return mod, params if stage is None else [(stage_parameter_name(n, stage), p) for n, p in params]
 
 
 def _fix_dim(arg_spec: Any, dim: str, size: int) -> Any:
@@ -87,16 +95,35 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
     import tvm  # noqa: PLC0415
 
     spec, start = plan.spec, time.perf_counter()
-    log(f"[1/3] exporting {spec.name} ({spec.family.name}, {plan.dtype}) to Relax")
-    mod, params = export(plan)
-    log(f"[2/3] building for {plan.target.name} ({plan.target.arch}); schedules: "
-        f"{', '.join(str(d) for d in plan.schedules.directories) if plan.schedules else 'default only'}")
     report = lowering.ScheduleReport()
     database = plan.schedules.open() if plan.schedules else None
     rules_first = bool(plan.schedules and plan.schedules.predates_cpu_rules)
     pipeline = lowering.relax_pipeline(plan.target.tvm, database, report, rules_first)
-    with devicecode.build_context(plan.target):
-        executable = tvm.compile(mod, plan.target.tvm, relax_pipeline=pipeline)
+    parameters, stage_records = [], []
+    for stage in plan.stages or [None]:  # one shared object per pipeline stage (stage 0's is model.so)
+        file = library.LIBRARY if stage is None or stage.is_first else f"model.stage{stage.index}.so"
+        part = "" if stage is None else f" stage {stage.index} (layers {stage.first_layer}..{stage.end_layer - 1})"
+        log(f"[1/3] exporting {spec.name}{part} ({spec.family.name}, {plan.dtype}) to Relax")
+        mod, params = export(plan, stage)
+        log(f"[2/3] building for {plan.target.name} ({plan.target.arch}); schedules: "
+            f"{', '.join(str(d) for d in plan.schedules.directories) if plan.schedules else 'default only'}")
+        with devicecode.build_context(plan.target):
+            executable = tvm.compile(mod, plan.target.tvm, relax_pipeline=pipeline)
+        log(f"[3/3] writing {file}")
+        executable.export_library(str(directory / file), **devicecode.export_options(plan.target, log))
+        checked = devicecode.check_library(plan.target, directory / file)
+        # "layout": how the loader stores the HF tensor (`run.layouts`); absent: as the checkpoint has it.
+        own = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype,
+                **({"layout": p.attrs["layout"]} if "layout" in p.attrs else {})} for name, p in params]
+        parameters += own
+        if stage is None or stage.is_first:
+            functions, device_code = function_signatures(mod), checked
+        if stage is not None:
+            stage_records.append({"stage": stage.index, "layers": [stage.first_layer, stage.end_layer],
+                                  "library": {"file": file, "sha256": library.sha256_file(directory / file)},
+                                  "functions": function_signatures(mod), "device_code": checked,
+                                  # its parameters: parameters[start:end] (a tied embedding is in two)
+                                  "parameter_range": [len(parameters) - len(own), len(parameters)]})
     if plan.schedules:
         log(f"      tuned kernels: {len(report.tuned)}; default schedules: {len(report.default_static)} "
             f"static without a record{': ' + ', '.join(sorted(report.default_static)) if report.default_static else ''}"
@@ -104,12 +131,6 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
     if report.rule:
         log(f"      qcompile CPU rules scheduled {len(report.rule)} kernels: "
             + ", ".join(f"{rule} x{list(report.rule.values()).count(rule)}" for rule in sorted(set(report.rule.values()))))
-    log("[3/3] writing the library")
-    executable.export_library(str(directory / library.LIBRARY), **devicecode.export_options(plan.target, log))
-    device_code = devicecode.check_library(plan.target, directory / library.LIBRARY)
-    # "layout": how the loader stores the HF tensor (`run.layouts`); absent: as the checkpoint has it.
-    parameters = [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype,
-                   **({"layout": p.attrs["layout"]} if "layout" in p.attrs else {})} for name, p in params]
     manifest = {
         "format": library.MANIFEST_FORMAT,
         "model": {"name": spec.name, "family": spec.family.name, "kind": spec.kind.name,
@@ -118,9 +139,10 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "dtype": plan.dtype,
         "max_seq_len": plan.max_seq_len,
         "prefill_chunk": plan.prefill_chunk,
-        "functions": function_signatures(mod),
+        "functions": functions,  # stage 0's when pipelined (each stage's: `pipeline`)
         "parameters": parameters,
-        "parameter_count": sum(math.prod(p["shape"]) for p in parameters),
+        # (one shard's when split; a tied embedding two stages hold counted once)
+        "parameter_count": sum(math.prod(p["shape"]) for p in {p["name"]: p for p in parameters}.values()),
         "active_parameter_count": spec.family.active_parameter_count(spec.config),
         "library": {"file": library.LIBRARY, "sha256": library.sha256_file(directory / library.LIBRARY)},
         "versions": versions(),
@@ -128,6 +150,11 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "device_code": device_code,
         "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
                             if plan.schedules else None),
+        # Tensor-parallel split: plan, shard count, one shard's config fields (`parameters` are per shard).
+        "parallel": plan.parallel.record(spec.config) if plan.parallel else None,
+        # Pipeline stages: each one's layers, shared object, entry points and parameters (of `parameters`).
+        "pipeline": ({"stages": stage_records, "balance": stages.record(spec, plan.stages)}
+                     if plan.stages else None),
         "cpu_rules": report.rule,  # kernel -> the qcompile CPU rule that scheduled it (no record in a database)
         "memory_plan": memory.of_build(plan),
         "identity": plan.identity(),

@@ -18,9 +18,9 @@ Per device:
               An encoder: C = T = its token count, output features [tokens, hidden] float32 for logits.
 Tensor parallel N: the family's `tensor_parallel_plan` column- and row-parallel weights (and column-
 parallel biases) are divided by N, so are heads, KV heads and the MLP width; the embedding, LM head,
-norms and the MoE router are replicated. Pipeline stages S: the layers are cut into S contiguous stages
-balanced by bytes (weights + KV cache), the embedding with stage 0, the final norm and LM head with the
-last (a tied embedding is on both). One entry per device: S x N.
+norms and the MoE router are replicated. Pipeline stages S: the layers cut as the build cuts them
+(`parallel.stages.partition`: contiguous stages balanced by parameter bytes), the embedding with stage 0,
+the final norm and LM head with the last (a tied embedding is on both). One entry per device: S x N.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ..quant.checkpoint import stored_layout
 from ..quant.policy import is_quantized
 from ..spec.model import ModelSpec
 from ..spec.target import TargetSpec
+from ..parallel.stages import partition
 
 F32 = 4
 DEFAULT_PREFILL_CHUNK = 256
@@ -129,30 +130,6 @@ def _kv_per_layer(spec: ModelSpec, dtype: str, max_seq_len: int, tp: int) -> lis
     return [(w, per_token * (min(w, max_seq_len) if w else max_seq_len)) for w in c.layer_windows()]
 
 
-def _stages(layer_bytes: list[int], first: int, last: int, stages: int) -> list[tuple[int, int]]:
-    """Cut layers into `stages` contiguous non-empty runs [start, end) minimising the largest stage's
-    bytes (`first` added to stage 0, `last` to the last stage): exact dynamic programme, O(S L^2)."""
-    n = len(layer_bytes)
-    if not 1 <= stages <= n:
-        raise UserError(f"--pipeline-stages must be in 1..{n} (the model's layers), got {stages}")
-    prefix = [0, *np.cumsum(layer_bytes).tolist()]
-
-    def cost(s: int, i: int, j: int) -> int:
-        return prefix[j] - prefix[i] + (first if s == 0 else 0) + (last if s == stages - 1 else 0)
-
-    # best[s][j]: (largest stage, cut) over layers [0, j) in s + 1 stages
-    best = [[(cost(0, 0, j), 0) if j else (math.inf, 0) for j in range(n + 1)]]
-    for s in range(1, stages):
-        best.append([min(((max(best[s - 1][i][0], cost(s, i, j)), i) for i in range(s, j)), default=(math.inf, 0))
-                     for j in range(n + 1)])
-    cuts, j = [], n
-    for s in range(stages - 1, -1, -1):
-        i = best[s][j][1]
-        cuts.append((i, j))
-        j = i
-    return cuts[::-1]
-
-
 def memory_plan(spec: ModelSpec, *, dtype: str, quantization: str | schemes.Scheme | None = None,
                 group_size: int = schemes.DEFAULT_GROUP_SIZE, max_seq_len: int | None,
                 tensor_parallel: int = 1, pipeline_stages: int = 1,
@@ -199,8 +176,10 @@ def memory_plan(spec: ModelSpec, *, dtype: str, quantization: str | schemes.Sche
         kind["bytes"] += b * tp
     workspace = _workspace(spec, dtype, chunk, positions, tp)
 
-    stage_layers = _stages([w + b for w, (_, b) in zip(per_layer, kv, strict=True)], embedding, head,
-                           pipeline_stages) if decoder else [(0, layers)]
+    # The build's own cut (`parallel.stages.partition`: balanced by parameter bytes), so the plan
+    # describes the devices the library will run on.
+    stage_layers = [(s.first_layer, s.end_layer) for s in partition(spec, pipeline_stages)] \
+        if decoder and pipeline_stages > 1 else [(0, layers)]
     devices = []
     for s, (start, end) in enumerate(stage_layers):
         last = s == len(stage_layers) - 1
@@ -250,7 +229,9 @@ def of_build(plan: Any) -> dict[str, Any]:
     """The plan of a BuildPlan (its quantization, if it has one)."""
     return memory_plan(plan.spec, dtype=plan.dtype, quantization=getattr(plan, "quantization", None),
                        group_size=getattr(plan, "group_size", schemes.DEFAULT_GROUP_SIZE),
-                       max_seq_len=plan.max_seq_len, prefill_chunk=plan.prefill_chunk)
+                       max_seq_len=plan.max_seq_len, prefill_chunk=plan.prefill_chunk,
+                       tensor_parallel=plan.parallel.shards if plan.parallel else 1,
+                       pipeline_stages=len(plan.stages) if plan.stages else 1)
 
 
 def fit_line(plan: dict[str, Any], device_memory_bytes: int) -> tuple[bool, str]:

@@ -15,6 +15,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UserError
+from ..parallel import stages as pipeline
+from ..parallel.shards import TensorParallel
 from ..run.tvm_runtime import tvm_build_id
 from ..spec.model import ModelSpec
 from ..spec.target import ResolvedTarget, TargetSpec, availability, resolve
@@ -63,6 +65,14 @@ class BuildPlan:
     max_seq_len: int | None  # decoders only
     prefill_chunk: int | None
     schedules: Schedules | None = None  # tuning databases applied (None: default schedules only)
+    parallel: TensorParallel | None = None  # tensor-parallel split (None: one device)
+    stages: list[pipeline.Stage] | None = None  # pipeline stages (None: one)
+
+    @property
+    def model_config(self) -> Any:
+        """The config the library computes with: one shard's when split."""
+        config = self.spec.config
+        return self.parallel.shard_config(config) if self.parallel else config
 
     @property
     def buckets(self) -> dict[str, Any]:
@@ -89,14 +99,20 @@ class BuildPlan:
                 "toolchain": {"llvm": int(codegen.llvm_version_major()), "cc": c_compiler(),
                               **devicecode.toolchain(self.target)},
                 "buckets": self.buckets,
-                "tuning_database": self.schedules.digest if self.schedules else None}
+                "tuning_database": self.schedules.digest if self.schedules else None,
+                **({"parallel": self.parallel.record(self.spec.config)} if self.parallel else {}),
+                **({"pipeline": pipeline.record(self.spec, self.stages)} if self.stages else {})}
 
 
 def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
                max_seq_len: int | None = None, schedules: Path | None = None,
-               use_schedules: bool = True) -> BuildPlan:
+               use_schedules: bool = True, tensor_parallel: int = 1, pipeline_stages: int = 1) -> BuildPlan:
     """Check the build options and resolve the target for this machine (UserError on bad input).
-    `schedules`: a tuning database directory (default: the target's committed ones)."""
+    `schedules`: a tuning database directory (default: the target's committed ones). `tensor_parallel`:
+    build one shard of that many (the family's plan decides its shapes; see `parallel.shards`).
+    `pipeline_stages`: cut the layers into that many stages, each its own shared object (`parallel.stages`)."""
+    parallel = TensorParallel.for_model(spec, tensor_parallel) if tensor_parallel != 1 else None
+    cut = pipeline.partition(spec, pipeline_stages) if pipeline_stages != 1 else None
     dtype = dtype or target.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -116,6 +132,6 @@ def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
         raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
                         f"got {max_seq_len}")
     return BuildPlan(spec, resolved, dtype, max_seq_len, prefill_chunk=min(target.prefill_chunk, max_seq_len),
-                     schedules=found)
+                     schedules=found, parallel=parallel, stages=cut)
 
 

@@ -26,6 +26,14 @@ def add(sub) -> None:
     p.add_argument("--device-memory", metavar="SIZE",
                    help="check before building that the memory plan (weights + KV cache at --max-seq-len + "
                         "workspace) fits a device of SIZE, e.g. 141GB (GB = 1e9 bytes) or 80GiB (2^30)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N devices by its family's plan (q/k/v, gate/up column-wise; "
+                        "o, down row-wise with an all-reduce after each); heads, kv heads and intermediate "
+                        "sizes must divide by N")
+    p.add_argument("--pipeline-stages", type=int, default=1, metavar="S",
+                   help="cut the layers into S stages balanced by parameter bytes (embedding with the first, "
+                        "norm and LM head with the last), each its own shared object; combines with "
+                        "--tensor-parallel (S x N workers)")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -36,7 +44,8 @@ def run(args) -> None:
     if args.device_memory is not None:
         check_fit(args)
     options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=progress(args),
-                   schedules=args.schedules, use_schedules=not args.no_schedules)
+                   schedules=args.schedules, use_schedules=not args.no_schedules,
+                   tensor_parallel=args.tensor_parallel, pipeline_stages=args.pipeline_stages)
     if args.register:
         entry, built = api.register_model(args.model, copy_to=args.output, **options)
         manifest = entry.manifest
@@ -47,7 +56,8 @@ def run(args) -> None:
         return emit_json({"output": str(args.output) if args.output else None,
                           "registry_key": entry.key if args.register else None,
                           **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
-                                                      "parameter_count", "library", "build")}})
+                                                      "parameter_count", "library", "build")},
+                          "parallel": manifest.get("parallel"), "pipeline": manifest.get("pipeline")})
     built_note = f"built in {manifest['build']['seconds']} s" if not args.register or built else "reused"
     print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "
           f"{manifest['dtype']}, {built_note}): {where}"
@@ -58,7 +68,8 @@ def check_fit(args) -> None:
     """The memory plan against --device-memory, before any building: one line either way."""
     plan = api.memory_plan(args.model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
                            quantization=getattr(args, "quantization", None),
-                           group_size=getattr(args, "group_size", 32))
+                           group_size=getattr(args, "group_size", 32), tensor_parallel=args.tensor_parallel,
+                           pipeline_stages=args.pipeline_stages)
     ok, line = api.memory_fit(plan, args.device_memory)
     if not ok:
         raise UserError(f"{args.model} for {args.target}: {line}")

@@ -47,6 +47,12 @@ def inspect(args) -> None:
         print("  device    none (host code only)")
     tools = ", ".join(f"{k} {v}" for k, v in summary["toolchain"].items())
     print(f"  built by  TVM {summary['versions']['tvm']} (tvm-ffi {summary['versions']['tvm_ffi']}); {tools}")
+    split = summary["parallel"]
+    if split:
+        print(f"  split     tensor-parallel {split['tensor_parallel']} by the family's plan; one shard: "
+              + ", ".join(f"{k} {v}" for k, v in split["shard_config"].items()))
+    for stage in summary["pipeline"] or ():
+        print(f"  stage {stage['stage']}   layers {stage['layers'][0]}..{stage['layers'][1] - 1}: {stage['library']['file']}")
     tuning = summary["tuning_database"]
     print("  schedules " + (f"{len(tuning['kernels']['tuned'])} tuned kernels from {tuning['sha256']}"
                             if tuning else "default only"))

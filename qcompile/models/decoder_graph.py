@@ -23,7 +23,14 @@ def attention(cfg: DecoderConfig, window: int | None, dtype: str, *, qkv_bias: b
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). The family chooses attn and mlp."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). The family chooses attn and mlp.
+
+    Tensor-parallel (`shards` > 1, set by `CausalLM.shard`): attention and the MLP / MoE block each end
+    in a row-parallel projection (o_proj, down_proj), so each shard holds a partial sum of their output;
+    one all-reduce after each makes it whole (Disco's `runtime.disco.allreduce`).
+    """
+
+    shards = 1
 
     def __init__(self, cfg: DecoderConfig, self_attn: nn.Module, mlp: nn.Module, dtype: str):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -33,8 +40,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor):
         attn, k, v = self.self_attn(self.input_layernorm(x), past_k, past_v)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        x = x + self._whole(attn)
+        return x + self._whole(self.mlp(self.post_attention_layernorm(x))), k, v
+
+    def _whole(self, partial: Tensor) -> Tensor:
+        return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
 
 
 class DecoderModel(nn.Module):
@@ -57,18 +67,14 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
+    def shard(self, shards: int) -> None:
+        """Make this (built with one shard's config) one of `shards` tensor-parallel shards."""
+        for layer in self.model.layers:
+            layer.shards = shards
+
     def _forward(self, input_ids: Tensor, kv_cache: list[Tensor]):
-        x = self.model.embed_tokens(input_ids)  # [n, hidden]
-        new_cache = []
-        for i, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, kv_cache[2 * i], kv_cache[2 * i + 1])
-            new_cache += [k, v]
-        x = self.model.norm(x)
-        if self.cfg.tie_word_embeddings:
-            logits = self.model.embed_tokens.lm_head(x)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(F32), new_cache
+        x, new_cache = run_layers(self.model.layers, self.model.embed_tokens(input_ids), kv_cache)
+        return logits(self.cfg, self.model, getattr(self, "lm_head", None), x), new_cache
 
     def prefill(self, input_ids: Tensor, kv_cache: list[Tensor]):
         return self._forward(input_ids, kv_cache)
@@ -78,11 +84,82 @@ class CausalLM(nn.Module):
 
     def export_spec(self) -> dict[str, Any]:
         """The entry points' argument specs for `export_tvm` (n, p symbolic; weights packed last)."""
-        cfg = self.cfg
-        entry = [cfg.num_key_value_heads, cfg.resolved_head_dim]
-        modes = {"param_mode": "packed", "effect_mode": "none"}
-        cache = [nn.spec.Tensor(["p", *entry], self.dtype) for _ in range(2 * cfg.num_hidden_layers)]
-        return {
-            "prefill": {"input_ids": nn.spec.Tensor(["n"], "int32"), "kv_cache": cache, "$": modes},
-            "decode": {"input_ids": nn.spec.Tensor([1], "int32"), "kv_cache": list(cache), "$": modes},
-        }
+        return entry_specs(self.cfg, self.dtype, self.cfg.num_hidden_layers, hidden_in=False, name="input_ids")
+
+    def pipeline_stage(self, first_layer: int, end_layer: int, is_first: bool, is_last: bool) -> PipelineStage:
+        """Layers first_layer..end_layer-1 as one pipeline stage (with the embedding if first, the final
+        norm and LM head if last)."""
+        return PipelineStage(self, first_layer, end_layer, is_first, is_last)
+
+
+def run_layers(layers, x: Tensor, kv_cache: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """x [n, hidden] through `layers`, each extending its pair of the cache (k0, v0, k1, v1, ...)."""
+    new_cache = []
+    for i, layer in enumerate(layers):
+        x, k, v = layer(x, kv_cache[2 * i], kv_cache[2 * i + 1])
+        new_cache += [k, v]
+    return x, new_cache
+
+
+def logits(cfg: DecoderConfig, model: nn.Module, lm_head: nn.Module | None, x: Tensor) -> Tensor:
+    """Final norm and LM head (the embedding when tied): hidden [n, hidden] -> float32 logits [n, vocab]."""
+    x = model.norm(x)
+    out = model.embed_tokens.lm_head(x) if lm_head is None else lm_head(x)
+    return out.astype(F32)
+
+
+def entry_specs(cfg: DecoderConfig, dtype: str, num_layers: int, hidden_in: bool, name: str) -> dict[str, Any]:
+    """prefill / decode specs: token ids [n] (or, for a later pipeline stage, the hidden state
+    [n, hidden]) and `num_layers` layers' KV cache; weights packed last."""
+    entry = [cfg.num_key_value_heads, cfg.resolved_head_dim]
+    modes = {"param_mode": "packed", "effect_mode": "none"}
+    cache = [nn.spec.Tensor(["p", *entry], dtype) for _ in range(2 * num_layers)]
+
+    def first(n):  # the entry point's first argument, `name`
+        return {name: nn.spec.Tensor([n, cfg.hidden_size], dtype) if hidden_in else nn.spec.Tensor([n], "int32")}
+
+    return {"prefill": {**first("n"), "kv_cache": cache, "$": modes},
+            "decode": {**first(1), "kv_cache": list(cache), "$": modes}}
+
+
+class StageModel(nn.Module):
+    """The parameters one pipeline stage holds, under the whole model's names (its layers numbered from 0:
+    the builder renames them)."""
+
+    def __init__(self, model: DecoderModel, first_layer: int, end_layer: int, embed: bool, norm: bool):
+        if embed:
+            self.embed_tokens = model.embed_tokens
+        self.layers = nn.ModuleList([model.layers[i] for i in range(first_layer, end_layer)])
+        if norm:
+            self.norm = model.norm
+
+
+class PipelineStage(nn.Module):
+    """One pipeline stage of a CausalLM: the first takes token ids, the others the previous stage's hidden
+    state [n, hidden]; the last returns float32 logits, the others the hidden state. The KV cache is its
+    own layers'."""
+
+    def __init__(self, lm: CausalLM, first_layer: int, end_layer: int, is_first: bool, is_last: bool):
+        self.cfg, self.dtype, self.is_first, self.is_last = lm.cfg, lm.dtype, is_first, is_last
+        self.num_layers = end_layer - first_layer
+        tied = lm.cfg.tie_word_embeddings
+        self.model = StageModel(lm.model, first_layer, end_layer, embed=is_first or (is_last and tied),
+                                norm=is_last)
+        if is_last and not tied:
+            self.lm_head = lm.lm_head
+
+    def _forward(self, inputs: Tensor, kv_cache: list[Tensor]):
+        x = self.model.embed_tokens(inputs) if self.is_first else inputs
+        x, new_cache = run_layers(self.model.layers, x, kv_cache)
+        if self.is_last:
+            return logits(self.cfg, self.model, getattr(self, "lm_head", None), x), new_cache
+        return x, new_cache
+
+    def prefill(self, inputs: Tensor, kv_cache: list[Tensor]):
+        return self._forward(inputs, kv_cache)
+
+    def decode(self, inputs: Tensor, kv_cache: list[Tensor]):
+        return self._forward(inputs, kv_cache)
+
+    def export_spec(self) -> dict[str, Any]:
+        return entry_specs(self.cfg, self.dtype, self.num_layers, hidden_in=not self.is_first, name="inputs")

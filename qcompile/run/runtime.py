@@ -22,7 +22,7 @@ from ..build.library import read_manifest
 from ..errors import UserError
 from ..spec.model import ModelSpec, load_checkpoint_config
 from . import cpu_features, tvm_runtime
-from .weights import load_parameters
+from .weights import load_parameters, parameter_specs
 
 
 def verify_library(directory: Path, manifest: dict[str, Any], private_dir: Path) -> Path:
@@ -89,27 +89,32 @@ class Library:
         self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
         self.spec = ModelSpec.from_manifest(manifest)
-        params = [(p["name"], p["shape"], p["dtype"], p.get("layout")) for p in manifest["parameters"]]
+        self._open(Path(directory), Path(weights))
+        buckets = manifest["buckets"]
+        self._bucketed, self._bucket_sizes = buckets["function"], set(buckets["sizes"])
+        self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
+
+    def _open(self, directory: Path, weights: Path) -> None:
+        """Verify the library, load its weights onto the device and open its VM, in this process."""
+        params = parameter_specs(self.manifest)
         rt = tvm_runtime.runtime()
-        self.device = rt.device(manifest["target"]["device"])
+        self.device = rt.device(self.manifest["target"]["device"])
         with tempfile.TemporaryDirectory(prefix="qcompile-load-") as private:
-            library = verify_library(directory, manifest, Path(private))  # before reading any weight
+            library = verify_library(directory, self.manifest, Path(private))  # before reading any weight
             _check_checkpoint_matches(self.spec, weights)
             # One parameter at a time: read, copied to the device, dropped (peak: the weights once + one).
             self._params = [rt.tensor(a, self.device) for a in load_parameters(self.spec, weights, params)]
             module = rt.load_module(library)  # mapped: the copy may go once loaded
         self._vm = rt.virtual_machine(module, self.device)
         self._tensor, self._numpy = rt.tensor, rt.numpy
-        buckets = manifest["buckets"]
-        self._bucketed, self._bucket_sizes = buckets["function"], set(buckets["sizes"])
-        self._lock_fd = lock_fd  # a registry entry's shared lock: held while this library is loaded
+
+    def _function_name(self, name: str, size: int) -> str:
+        """The entry point for a call of `name` whose dynamic dimension is `size`: its static copy
+        (tuned kernels) when one was built for that size, else the symbolic-shape function."""
+        return f"{name}_{size}" if name == self._bucketed and size in self._bucket_sizes else name
 
     def _function(self, name: str, size: int) -> Any:
-        """The VM function for a call of `name` whose dynamic dimension is `size`: its static copy
-        (tuned kernels) when one was built for that size, else the symbolic-shape function."""
-        if name == self._bucketed and size in self._bucket_sizes:
-            name = f"{name}_{size}"
-        return self._vm[name]
+        return self._vm[self._function_name(name, size)]
 
     def close(self) -> None:
         """Release the registry entry (if loaded from one) so gc may evict it."""
@@ -166,11 +171,15 @@ class Decoder(Library):
         self.position += ids.size
         return self._numpy(logits)
 
+    def _new_cache(self) -> Any:
+        """An empty KV cache on the device (what the entry points take and return)."""
+        return [self._tensor(c, self.device) for c in self._empty_cache]
+
     def prefill(self, ids: Any) -> np.ndarray:
         """Start a new sequence with `ids`; float32 logits [len(ids), vocab]."""
         self.position = 0
         ids = self._check_ids(ids, "prompt")
-        self._cache = [self._tensor(c, self.device) for c in self._empty_cache]
+        self._cache = self._new_cache()
         chunks = [ids[i:i + self.prefill_chunk] for i in range(0, ids.size, self.prefill_chunk)]
         return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
 
@@ -252,4 +261,8 @@ def load(directory: str | Path, *, weights: str | Path, lock_fd: int | None = No
     directory = Path(directory)
     manifest = read_manifest(directory)
     runtime = ModelSpec.from_manifest(manifest).kind.runtime_class()
+    if (manifest.get("parallel") or {}).get("tensor_parallel", 1) > 1 or manifest.get("pipeline"):
+        from ..parallel.session import ShardedDecoder  # noqa: PLC0415 (Disco: only for split libraries)
+
+        runtime = ShardedDecoder
     return runtime(directory, manifest, Path(weights), lock_fd)

@@ -199,6 +199,27 @@ class Runtime:
         return (True, found) if found == arch else (False, f"this GPU is {found}, not {arch}")
 
 
+LIBRARY_PATH = "TVM_LIBRARY_PATH"  # TVM's own override: runtime libraries found here before the wheel's
+
+
+def _preload_library_path() -> None:
+    """With full TVM and $TVM_LIBRARY_PATH (runtime libraries of the same TVM commit built with NCCL, say:
+    scripts/build-tvm-runtime-nccl.sh), load its libtvm_runtime.so and libtvm_runtime_extra.so globally
+    before `import tvm`: TVM finds libtvm_runtime there itself, but the wheel's compiler library would
+    pull in the wheel's libtvm_runtime_extra.so (Disco and its collectives) by its own rpath, unless one
+    of that name is loaded already."""
+    directory = os.environ.get(LIBRARY_PATH)
+    if not directory or "tvm" in sys.modules:
+        return
+    for name in (RUNTIME_LIBRARY, EXTRA_LIBRARY):
+        library = Path(directory) / name
+        if library.is_file():
+            try:
+                ctypes.CDLL(str(library), ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                raise UserError(f"{LIBRARY_PATH}={directory}: cannot load {name}: {str(e).splitlines()[0]}") from None
+
+
 @functools.cache
 def runtime() -> Runtime:
     """This process's TVM runtime, loaded on first use. Full TVM when it is importable (or already
@@ -206,6 +227,7 @@ def runtime() -> Runtime:
     $QCOMPILE_TVM_RUNTIME names, or the installed apache-tvm's runtime without its compiler."""
     folder = os.environ.get(RUNTIME_DIR)
     if "tvm" in sys.modules or (not folder and _compiler_installed()):
+        _preload_library_path()
         import tvm  # noqa: PLC0415
 
         files = RuntimeFiles(Path(tvm.libinfo.find_libtvm_runtime()).parent, tvm.__version__, tvm_build_id())

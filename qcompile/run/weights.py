@@ -7,8 +7,9 @@ tensors fill each library parameter (fused ones are concatenated along axis 0).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 checkpoints read)
 import numpy as np
@@ -51,8 +52,15 @@ def tensor_files(directory: Path) -> dict[str, Path]:
         raise UserError(f"{single}: unreadable safetensors file ({e})") from None
 
 
+def parameter_specs(manifest: dict[str, Any]) -> list[tuple[str, list[int], str, str | None]]:
+    """(name, shape, dtype, layout) of each of a library's parameters, in order (what `load_parameters`
+    takes)."""
+    return [(p["name"], p["shape"], p["dtype"], p.get("layout")) for p in manifest["parameters"]]
+
+
 def load_parameters(spec: ModelSpec, directory: Path,
-                    params: Iterable[tuple[str, list[int], str, str | None]]) -> Iterator[np.ndarray]:
+                    params: Iterable[tuple[str, list[int], str, str | None]],
+                    shard: Callable[[str, tuple[int, ...]], Any] | None = None) -> Iterator[np.ndarray]:
     """The library's parameters (name, shape, dtype, layout), in order, filled from an HF checkpoint, one
     at a time: the caller moves each to the device before the next is read, so loading holds the device
     copy and one parameter, not a second copy of the model. A parameter with a layout is packed into it
@@ -60,6 +68,9 @@ def load_parameters(spec: ModelSpec, directory: Path,
 
     Every checkpoint tensor must be used and have its HF shape; errors name the tensor. A fused tensor
     the family declares (`checkpoint_views`) stands for the HF tensors it contains.
+
+    `shard(hf_name, hf_shape)` -> a `parallel.shards.TensorSlice`: read only that part of each HF tensor
+    (`safe_open(...).get_slice`, before any fusing), as one tensor-parallel shard does.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -96,15 +107,34 @@ def load_parameters(spec: ModelSpec, directory: Path,
                 raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
         return last_read[name]
 
+    def region(name: str) -> np.ndarray:
+        """Only `part.region` of a stored tensor: its shape checked, then that slice read."""
+        path, part = files[name], shard(name, expected[name])
+        try:
+            with safe_open(path, framework="numpy") as f:
+                view = f.get_slice(on_disk[name])
+                if tuple(view.get_shape()) != tuple(expected[name]):
+                    raise UserError(f"{path}: tensor '{name}' has shape {list(view.get_shape())}, "
+                                    f"expected {list(expected[name])}")
+                array = view[part.region]
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
+        return np.zeros_like(array) if part.zero else array
+
     def read(name: str) -> np.ndarray:
         if name not in sources:
             raise UserError(f"{directory}: missing tensor '{name}'")
         stored_name, index = sources[name]
+        if shard is not None and index is None:
+            return region(name)
         array = stored(stored_name) if index is None else stored(stored_name)[index]
         if tuple(array.shape) != tuple(expected[name]):
             within = "" if index is None else f" (from '{stored_name}')"
             raise UserError(f"{files[stored_name]}: tensor '{name}'{within} has shape {list(array.shape)}, "
                             f"expected {list(expected[name])}")
+        if shard is not None:  # inside a fused stored tensor (a checkpoint view): sliced once read
+            part = shard(name, expected[name])
+            array = np.zeros_like(array[part.region]) if part.zero else array[part.region]
         return array
 
     def assemble(recipe: list) -> np.ndarray:
