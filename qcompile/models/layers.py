@@ -17,6 +17,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
 F32 = "float32"
+OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable (AnnotateTIROpPattern keeps a given one)
 
 
 def gather(x: Tensor, indices: Tensor, axis: int = 0) -> Tensor:
@@ -115,44 +116,57 @@ def key_position(j: tir.PrimExpr, position: tir.PrimExpr, slots: int | tir.PrimE
     return tir.if_then_else(j < m, j + slots * tir.floordiv(position - 1 - j, slots), position + j - m)
 
 
-def _key_column(cache: te.Tensor, new: te.Tensor, position: tir.PrimExpr):
-    """Column j's row of keys (or values): cache[j] for a filled slot, else the chunk's new[j - m]."""
-    m = cached_columns(position, cache.shape[0])
-    return lambda j, head, e: tir.if_then_else(j < m, cache[j, head, e], new[j - m, head, e])
-
-
 def attention_scores(q: Tensor, k_cache: Tensor, k_new: Tensor, position: tir.PrimExpr) -> Tensor:
     """q [n, h, d], key columns (k_cache [slots, kv, d] filled slots, then k_new [n, kv, d]) -> float32 q.k
     [h, n, min(position, slots) + n]. Query head hh reads kv head hh // (h / kv), as HF's repeat_kv does,
-    straight from the buffers: no repeated, transposed or concatenated copy of the keys."""
+    straight from the buffers: no repeated, transposed or concatenated copy of the keys.
+
+    Two products, one per source (each reads its rows contiguously: one loop over `d` per score, which
+    the CPU rule vectorises), then the columns side by side."""
 
     def compute(q: te.Tensor, k_cache: te.Tensor, k_new: te.Tensor, position: tir.PrimExpr):
         n, heads, d = q.shape
         group = heads // k_cache.shape[1]
-        key = _key_column(k_cache, k_new, position)
-        r = te.reduce_axis((0, d), name="r")
-        columns = cached_columns(position, k_cache.shape[0]) + n
-        return te.compute((heads, n, columns), lambda hh, i, j: te.sum(
-            q[i, hh, r].astype(F32) * key(j, hh // group, r).astype(F32), axis=r), name="attention_scores")
+        m = cached_columns(position, k_cache.shape[0])
 
-    return op.tensor_expr_op(compute, "attention_scores", [q, k_cache, k_new, position])
+        def product(keys: te.Tensor, columns: tir.PrimExpr, name: str) -> te.Tensor:
+            r = te.reduce_axis((0, d), name="r")
+            return te.compute((heads, n, columns), lambda hh, i, j: te.sum(
+                q[i, hh, r].astype(F32) * keys[j, hh // group, r].astype(F32), axis=r), name=name)
+
+        cached, chunk = product(k_cache, m, "attention_scores"), product(k_new, n, "attention_scores_chunk")
+        return te.compute((heads, n, m + n), lambda hh, i, j: tir.if_then_else(
+            j < m, cached[hh, i, j], chunk[hh, i, j - m]), name="attention_columns")
+
+    # Declared "output-elementwise fusable" (TVM's pattern for a matmul-like kernel), so the scale and
+    # the mask fuse into this kernel; TVM's own analysis cannot tell with two products.
+    return op.tensor_expr_op(compute, "attention_scores", [q, k_cache, k_new, position],
+                             attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
 
 def attention_values(probs: Tensor, v_cache: Tensor, v_new: Tensor, position: tir.PrimExpr) -> Tensor:
     """probs [h, n, columns] over the key columns, values (v_cache [slots, kv, d] filled slots, then v_new
     [n, kv, d]) -> [n, h, d] in the values' dtype (accumulated in float32); query head hh reads kv head
-    hh // (h / kv), straight from the buffers."""
+    hh // (h / kv), straight from the buffers. One weighted sum per source, then their sum."""
 
     def compute(p: te.Tensor, v_cache: te.Tensor, v_new: te.Tensor, position: tir.PrimExpr):
-        heads, n, columns = p.shape
+        heads, n, _ = p.shape
         kv_heads, d = v_cache.shape[1], v_cache.shape[2]
         group = heads // kv_heads
-        value = _key_column(v_cache, v_new, position)
-        j = te.reduce_axis((0, columns), name="j")
-        acc = te.compute((n, heads, d), lambda i, hh, dd: te.sum(
-            p[hh, i, j].astype(F32) * value(j, hh // group, dd).astype(F32), axis=j), name="attention_acc")
-        return te.compute((n, heads, d), lambda i, hh, dd: acc[i, hh, dd].astype(v_cache.dtype),
-                          name="attention_values")
+        m = cached_columns(position, v_cache.shape[0])
+
+        def weighted_sum(values: te.Tensor, rows: tir.PrimExpr, first_column: tir.PrimExpr, name: str):
+            j = te.reduce_axis((0, rows), name="j")
+            return te.compute((n, heads, d), lambda i, hh, dd: te.sum(
+                p[hh, i, first_column + j].astype(F32) * values[j, hh // group, dd].astype(F32), axis=j),
+                name=name)
+
+        cached, chunk = weighted_sum(v_cache, m, 0, "attention_acc"), weighted_sum(v_new, n, m, "attention_acc_chunk")
+        # With no filled slot (a sequence's first chunk) the cached sum is over no rows; TVM's lowering may
+        # then skip its initialisation (it runs inside the empty loop), so it is not read at all.
+        return te.compute((n, heads, d), lambda i, hh, dd: tir.if_then_else(
+            m > 0, cached[i, hh, dd] + chunk[i, hh, dd], chunk[i, hh, dd]).astype(v_cache.dtype),
+            name="attention_values")
 
     return op.tensor_expr_op(compute, "attention_values", [probs, v_cache, v_new, position])
 
