@@ -258,7 +258,8 @@ def inspect(library: str | os.PathLike) -> dict[str, Any]:
             "device_code": manifest.get("device_code"),
             "device_modules_in_library": device_modules(Path(library) / LIBRARY),
             "toolchain": manifest["identity"]["toolchain"], "versions": manifest["versions"],
-            "tuning_database": manifest.get("tuning_database"), "library": manifest["library"]}
+            "tuning_database": manifest.get("tuning_database"), "library": manifest["library"],
+            "kv_cache": manifest.get("kv_cache")}
 
 
 def registry():
