@@ -86,6 +86,8 @@ class GenerateStats:
 class Library:
     """A verified library loaded with an HF checkpoint's weights (what Decoder and Encoder share)."""
 
+    _lock_fd: int | None = None  # a registry entry's shared lock, once loaded (also if __init__ failed early)
+
     def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
         self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
