@@ -134,7 +134,8 @@ def attention_scores(q: Tensor, k_cache: Tensor, k_new: Tensor, position: tir.Pr
             return te.compute((heads, n, columns), lambda hh, i, j: te.sum(
                 q[i, hh, r].astype(F32) * keys[j, hh // group, r].astype(F32), axis=r), name=name)
 
-        cached, chunk = product(k_cache, m, "attention_scores"), product(k_new, n, "attention_scores_chunk")
+        cached = product(k_cache, m, "attention_scores")
+        chunk = product(k_new, n, "attention_scores_chunk")
         return te.compute((heads, n, m + n), lambda hh, i, j: tir.if_then_else(
             j < m, cached[hh, i, j], chunk[hh, i, j - m]), name="attention_columns")
 
@@ -161,7 +162,8 @@ def attention_values(probs: Tensor, v_cache: Tensor, v_new: Tensor, position: ti
                 p[hh, i, first_column + j].astype(F32) * values[j, hh // group, dd].astype(F32), axis=j),
                 name=name)
 
-        cached, chunk = weighted_sum(v_cache, m, 0, "attention_acc"), weighted_sum(v_new, n, m, "attention_acc_chunk")
+        cached = weighted_sum(v_cache, m, 0, "attention_acc")
+        chunk = weighted_sum(v_new, n, m, "attention_acc_chunk")
         # With no filled slot (a sequence's first chunk) the cached sum is over no rows; TVM's lowering may
         # then skip its initialisation (it runs inside the empty loop), so it is not read at all.
         return te.compute((n, heads, d), lambda i, hh, dd: tir.if_then_else(
@@ -221,9 +223,8 @@ def write_chunk(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
                     k[T.floormod(position + r, slots), h, x] = k_new[r, h, x]
                     v[T.floormod(position + r, slots), h, x] = v_new[r, h, x]
 
-    k_cache, v_cache = op.tensor_ir_inplace_op(kv_write, "kv_write", [k_cache, v_cache, k_new, v_new, position],
-                                               inplace_indices=[0, 1], out=[k_cache, v_cache])
-    return k_cache, v_cache
+    return op.tensor_ir_inplace_op(kv_write, "kv_write", [k_cache, v_cache, k_new, v_new, position],
+                                   inplace_indices=[0, 1], out=[k_cache, v_cache])
 
 
 class CausalSelfAttention(nn.Module):
