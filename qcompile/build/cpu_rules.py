@@ -23,7 +23,7 @@ Rules (each returns None when the kernel is not of its class):
          scores sum each dot product in lanes-wide partial sums; values accumulate a head's output row
          in registers while walking the rows in order (each row's head_dim values contiguous), instead of
          striding down a column. Elementwise epilogues (columns side by side, sum, scale, mask, cast)
-         run on the threads too.
+         run on the threads too; so do the softmax between them (`attention_probs`), a row a thread.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ GEMM_TILE = (4, 4)  # (input rows, weight rows) per register tile: 16 accumulato
 GEMM_LANES = 8
 # The first block of the two attention products (models.layers.attention_scores / attention_values).
 ATTENTION_BLOCKS = ("attention_scores", "attention_acc")
+ATTENTION_PROBS_BLOCK = "attention_probs_max"  # the first block of models.layers.attention_probs
 
 
 def vector_lanes(target: Any) -> int:
@@ -161,6 +162,11 @@ def attention(func: Any, target: Any) -> Any | None:
     except Exception:  # noqa: BLE001 (no root block: not a kernel written as blocks)
         return None
     first = sch.get(blocks[0]).name_hint
+    if first == ATTENTION_PROBS_BLOCK:  # softmax over each row of scores: rows in parallel, each block
+        for block in blocks:
+            sch.parallel(sch.fuse(*sch.get_loops(block)[:2]))
+        sch.annotate(blocks[0], RULE_ATTR, "attention")
+        return sch
     if first not in ATTENTION_BLOCKS:
         return None
     names = [sch.get(b).name_hint for b in blocks if _is_reduction(sch, b)]

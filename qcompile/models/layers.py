@@ -18,6 +18,7 @@ from tvm.script import tirx as T
 
 F32 = "float32"
 SMALLEST_NORMAL = 1.1754943508222875e-38  # float32's smallest normal number (numpy: finfo.tiny)
+EXP_SMALLEST_NORMAL = -87.33654475055310  # ln(SMALLEST_NORMAL): exp below it is subnormal or 0
 OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable (AnnotateTIROpPattern keeps a given one)
 
 
@@ -205,6 +206,28 @@ def masked_scores(scores: Tensor, position: tir.PrimExpr, slots: int, window: in
     return op.tensor_expr_op(compute, "masked_scores", [scores, position])
 
 
+def attention_probs(scores: Tensor) -> Tensor:
+    """Softmax over the key columns of float32 scores [heads, n, columns], as HF computes it (exp(s - max)
+    / sum, float32), except that an exp below float32's smallest normal number counts as 0 (its share
+    is below 1e-38; a subnormal result costs the exp and the division a slow path each)."""
+
+    def compute(s: te.Tensor):
+        heads, n, columns = s.shape
+        k = te.reduce_axis((0, columns), name="k")
+        top = te.compute((heads, n), lambda h, i: te.max(s[h, i, k], axis=k), name="attention_probs_max")
+
+        def exp(h, i, j):
+            x = s[h, i, j] - top[h, i]
+            return tir.if_then_else(x < tir.const(EXP_SMALLEST_NORMAL, F32), tir.const(0.0, F32), tir.exp(x))
+
+        e = te.compute(s.shape, exp, name="attention_probs_exp")
+        k = te.reduce_axis((0, columns), name="k")
+        total = te.compute((heads, n), lambda h, i: te.sum(e[h, i, k], axis=k), name="attention_probs_sum")
+        return te.compute(s.shape, lambda h, i, j: e[h, i, j] / total[h, i], name="attention_probs")
+
+    return op.tensor_expr_op(compute, "attention_probs", [scores])
+
+
 def write_chunk(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
                 position: tir.PrimExpr) -> tuple[Tensor, Tensor]:
     """Write the chunk's keys and values (k_new, v_new [n, kv, d], positions position ..) into their slots
@@ -270,7 +293,7 @@ class CausalSelfAttention(nn.Module):
 
         slots = int(k_cache.shape[0])
         scores = attention_scores(q, k_cache, k, position) * (1.0 / math.sqrt(d))  # [h, n, columns] float32
-        probs = op.softmax(masked_scores(scores, position, slots, self.window), axis=-1).astype(x.dtype)
+        probs = attention_probs(masked_scores(scores, position, slots, self.window)).astype(x.dtype)
         out = attention_values(probs, v_cache, v, position)  # [n, h, d]
         # Written after attention has read the buffers (a ring's chunk may overwrite keys it needs).
         k_cache, v_cache = write_chunk(k_cache, v_cache, k, v, position)
