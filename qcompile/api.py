@@ -294,7 +294,8 @@ def inspect(library: str | os.PathLike) -> dict[str, Any]:
             "memory_plan": manifest.get("memory_plan"),
             "parallel": manifest.get("parallel"),
             "pipeline": [{k: s[k] for k in ("stage", "layers", "library")}
-                         for s in (manifest.get("pipeline") or {}).get("stages", [])] or None}
+                         for s in (manifest.get("pipeline") or {}).get("stages", [])] or None,
+            "kv_cache": manifest.get("kv_cache")}
 
 
 def memory_plan(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, dtype: str | None = None,

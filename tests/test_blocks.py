@@ -3,8 +3,9 @@ on random float32 inputs against the Hugging Face module it is named after (or H
 a kernel change is caught in seconds, before any whole-model test. Every block compiles once per module
 or parametrisation (module-scoped fixtures); shapes are symbolic where the models' are.
 
-Layouts: our decoder blocks run one sequence, [n, hidden] (HF: [1, n, hidden]); a KV cache is
-[p, kv_heads, head_dim] (HF's DynamicCache: [1, kv_heads, p, head_dim]). Fused projections are HF's
+Layouts: our decoder blocks run one sequence, [n, hidden] (HF: [1, n, hidden]); a layer's KV cache is two
+buffers [slots, kv_heads, head_dim] updated in place, position q in slot q % slots (HF's DynamicCache:
+[1, kv_heads, p, head_dim]). Fused projections are HF's
 weights concatenated along axis 0 (q,k,v -> qkv; gate,up -> gate_up).
 """
 
@@ -112,19 +113,25 @@ def test_rope_matches_hf(rope, offset):
 # --- masked scores ----------------------------------------------------------------------------------
 
 MASK_WINDOWS = {"causal": None, "window1": 1, "window4": 4, "window16": 16}
+RING_SLOTS = 4  # a 4-slot buffer: a ring that has wrapped once a chunk starts at position >= 4
+UNBOUNDED_SLOTS = 64  # a buffer longer than every test sequence: slot j holds position j
 
 
 @pytest.fixture(scope="module")
 def mask_vm():
-    """layers.masked_scores for each window in MASK_WINDOWS: scores [heads, n, t] -> [heads, n, t]."""
+    """layers.masked_scores for each window in MASK_WINDOWS and each buffer size: scores [heads, n,
+    columns] of a chunk at `position` -> masked scores."""
 
-    def method(window):
-        def masked(self, s):
-            return layers.masked_scores(s, window)
+    def method(window, slots):
+        def masked(self, s, position):
+            return layers.masked_scores(s, position, slots, window)
         return masked
 
-    Masks = type("Masks", (nn.Module,), {name: method(window) for name, window in MASK_WINDOWS.items()})
-    spec = {name: {"s": nn.spec.Tensor(["heads", "n", "t"], F32), "$": PLAIN} for name in MASK_WINDOWS}
+    methods = {f"{name}-{slots}": method(window, slots) for name, window in MASK_WINDOWS.items()
+               for slots in (RING_SLOTS, UNBOUNDED_SLOTS)}
+    Masks = type("Masks", (nn.Module,), methods)
+    spec = {name: {"s": nn.spec.Tensor(["heads", "n", "columns"], F32), "position": nn.spec.Int(), "$": PLAIN}
+            for name in methods}
     return _compile_block(Masks(), spec)[0]
 
 
@@ -148,24 +155,36 @@ def _hf_mask(n: int, t: int, window: int | None) -> np.ndarray:
     return mask[0, 0].numpy()
 
 
+def key_column_positions(position: int, n: int, slots: int) -> np.ndarray:
+    """The position of each key column of a chunk of n at `position` over a `slots`-row buffer, restated
+    from the layout: slot s (s < min(position, slots)) holds the latest q < position with q % slots == s,
+    then the chunk's own positions."""
+    filled = [next(q for q in range(position - 1, -1, -1) if q % slots == s) for s in range(min(position, slots))]
+    return np.array(filled + list(range(position, position + n)))
+
+
 @pytest.mark.parametrize("n,t", [(1, 1), (7, 7), (1, 9), (3, 9), (6, 9)],
                          ids=["first-token", "prefill", "decode", "chunk-after-cache", "chunk-over-window"])
+@pytest.mark.parametrize("slots", [UNBOUNDED_SLOTS, RING_SLOTS], ids=["buffer", "ring"])
 @pytest.mark.parametrize("kind", list(MASK_WINDOWS))
-def test_masked_scores_follow_hf_mask(mask_vm, kind, n, t):
-    """Query i (position t - n + i) keeps score j iff j <= pos and, sliding, j > pos - window: our
-    masked scores equal the scores where HF's mask is 0 and float32's lowest elsewhere, bit for bit."""
+def test_masked_scores_follow_hf_mask(mask_vm, kind, slots, n, t):
+    """n new queries at positions t - n .. t - 1. Key column c (a filled slot or a chunk row) at position
+    key_pos[c] stays iff HF's mask is 0 at key_pos[c], i.e. key_pos <= query pos and, sliding, key_pos >
+    query pos - window; else it gets float32's lowest, bit for bit. On the ring (4 slots) the filled
+    slots hold the last 4 positions out of order, and older positions are gone."""
     window = MASK_WINDOWS[kind]
     lowest = np.finfo(np.float32).min
-    scores = _randn(3, n, t, seed=n * 100 + t).numpy()  # [heads, n, t]
-    hf = _hf_mask(n, t, window)  # [n, t]
-    pos = np.arange(t - n, t)[:, None]  # [n, 1]
-    j = np.arange(t)[None, :]  # [1, t]
-    rule = (j <= pos) & ((j > pos - window) if window is not None else True)  # [n, t]
+    position = t - n
+    key_pos = key_column_positions(position, n, slots)  # [columns]
+    hf = _hf_mask(n, t, window)[:, key_pos]  # [n, columns]: HF's mask at each column's position
+    pos = np.arange(position, t)[:, None]  # [n, 1]
+    rule = (key_pos <= pos) & ((key_pos > pos - window) if window is not None else True)  # [n, columns]
     np.testing.assert_array_equal(hf == 0, rule)  # HF's rule, stated explicitly
-    np.testing.assert_array_equal(np.unique(hf), [lowest, 0] if not rule.all() else [0])
-    ours = mask_vm[kind](_tensor(scores)).numpy()
+    scores = _randn(3, n, key_pos.size, seed=n * 100 + t).numpy()  # [heads, n, columns]
+    ours = mask_vm[f"{kind}-{slots}"](_tensor(scores), tvm.runtime.ShapeTuple([position])).numpy()
     np.testing.assert_array_equal(ours, np.where(rule[None], scores, lowest))
-    if window is not None and window < t:  # the window's edge: the last query's oldest key is t - window
+    if window is not None and window < t and slots == UNBOUNDED_SLOTS:
+        # the window's edge: the last query's oldest key is t - window
         assert (ours[:, -1, t - window - 1] == lowest).all()
         np.testing.assert_array_equal(ours[:, -1, t - window:], scores[:, -1, t - window:])
 
@@ -173,8 +192,9 @@ def test_masked_scores_follow_hf_mask(mask_vm, kind, n, t):
 # --- attention with a KV cache ----------------------------------------------------------------------
 
 HIDDEN, HEADS, KV_HEADS = 64, 4, 2
+FULL_SLOTS = 16  # a full layer's buffers: longer than every test sequence (max_seq_len)
 # family, head_dim, q/k/v bias, window, rope_theta. Qwen3-MoE: qk-norm; its attention_bias also puts a
-# bias on o_proj.
+# bias on o_proj. A sliding layer's buffers have `window` slots.
 ATTENTION_CASES = {
     "qwen2": ("qwen2", 16, True, None, 1e6),
     "qwen2-sliding": ("qwen2", 16, True, 5, 1e6),
@@ -215,9 +235,10 @@ def attention_pair(request):
     ours = layers.CausalSelfAttention(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, head_dim=head_dim,
                                       qkv_bias=bias, o_bias=o_bias, rope_theta=theta, window=window,
                                       qk_norm_eps=1e-6 if qk_norm else None, dtype=F32)
-    spec = {"forward": {"x": nn.spec.Tensor(["n", HIDDEN], F32),
-                        "past_k": nn.spec.Tensor(["p", KV_HEADS, head_dim], F32),
-                        "past_v": nn.spec.Tensor(["p", KV_HEADS, head_dim], F32), "$": PLAIN}}
+    slots = window or FULL_SLOTS
+    spec = {"forward": {"x": nn.spec.Tensor(["n", HIDDEN], F32), "position": nn.spec.Int(),
+                        "k_cache": nn.spec.Tensor([slots, KV_HEADS, head_dim], F32),
+                        "v_cache": nn.spec.Tensor([slots, KV_HEADS, head_dim], F32), "$": PLAIN}}
     vm, names = _compile_block(ours, spec)
     weights = {"qkv_proj.weight": [hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight],
                "o_proj.weight": hf.o_proj.weight}
@@ -228,44 +249,58 @@ def attention_pair(request):
     if qk_norm:
         weights |= {"q_norm.weight": hf.q_norm.weight, "k_norm.weight": hf.k_norm.weight}
     make_mask = create_causal_mask if window is None else create_sliding_window_causal_mask
-    return hf, rotary_class(config), config, make_mask, window, vm, _params(names, weights)
+    return hf, rotary_class(config), config, make_mask, window, slots, vm, _params(names, weights)
 
 
-def _hf_attention_with_cache(hf, rotary, config, make_mask, x: torch.Tensor, p: int):
-    """Run HF's attention as its model does: the first p tokens into a fresh DynamicCache, then the other
-    n with that cache. x [1, p + n, hidden] -> (out [n, hidden], k, v [p + n, kv, d] after RoPE)."""
+def _hf_attention_in_chunks(hf, rotary, config, make_mask, x: torch.Tensor, chunks: list[int]):
+    """Run HF's attention as its model does, chunk after chunk over one DynamicCache. x [1, total, hidden]
+    -> (out [total, hidden], k, v [total, kv, d] after RoPE)."""
     from transformers.cache_utils import DynamicCache
 
-    cache = DynamicCache()
-    for lo, hi in ((0, p), (p, x.shape[1])):
-        chunk, positions = x[:, lo:hi], torch.arange(lo, hi)[None]
+    cache, outs, lo = DynamicCache(), [], 0
+    for size in chunks:
+        chunk, positions = x[:, lo:lo + size], torch.arange(lo, lo + size)[None]
         mask = make_mask(config=config, inputs_embeds=chunk, attention_mask=None, past_key_values=cache,
-                         position_ids=positions)  # [1, 1, hi - lo, hi]
-        out, _ = hf(chunk, rotary(chunk, positions), mask, cache)
-    k, v = cache.layers[0].keys, cache.layers[0].values  # [1, kv, p + n, d]
-    return out[0], k[0].transpose(0, 1), v[0].transpose(0, 1)
+                         position_ids=positions)  # [1, 1, size, lo + size]
+        outs.append(hf(chunk, rotary(chunk, positions), mask, cache)[0][0])
+        lo += size
+    k, v = cache.layers[0].keys, cache.layers[0].values  # [1, kv, total, d]
+    return torch.cat(outs), k[0].transpose(0, 1), v[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("p,n", [(7, 1), (7, 4), (3, 9)], ids=["decode", "chunk", "chunk-over-window"])
+CHUNKINGS = {"decode": [7, 1], "chunk": [7, 4], "chunk-over-window": [3, 9],
+             "decode-past-window": [2] + [1] * 9, "chunks-wrap-ring": [4, 3, 4, 1]}
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKINGS.values()), ids=list(CHUNKINGS))
 @torch.no_grad()
-def test_attention_with_cache_matches_hf(attention_pair, p, n):
-    """n new tokens after p cached ones (window 5 on sliding layers: the window's edge falls inside the
-    cache for decode/chunk, inside the chunk for chunk-over-window). Our block gets HF's cached K/V
-    (after RoPE) as past_k/past_v; its output and its extended K/V must match HF's."""
-    hf, rotary, config, make_mask, window, vm, params = attention_pair
-    x = _randn(1, p + n, HIDDEN, seed=10 * p + n)  # [1, p + n, hidden]
-    hf_out, hf_k, hf_v = _hf_attention_with_cache(hf, rotary, config, make_mask, x, p)
-    out, k, v = vm["forward"](_tensor(x[0, p:]), _tensor(hf_k[:p]), _tensor(hf_v[:p]), *params)
-    k, v = k.numpy(), v.numpy()  # [p + n, kv, d]
-    np.testing.assert_array_equal(k[:p], hf_k[:p].numpy())  # the past is carried over untouched
-    np.testing.assert_array_equal(v[:p], hf_v[:p].numpy())
-    assert max_rel_diff(k[p:], hf_k[p:].numpy()) <= CPU_TOLERANCE  # new keys: projection, qk-norm, RoPE
-    assert max_rel_diff(v[p:], hf_v[p:].numpy()) <= CPU_TOLERANCE
-    assert max_rel_diff(out.numpy(), hf_out.numpy()) <= CPU_TOLERANCE  # [n, hidden]
+def test_attention_with_cache_matches_hf(attention_pair, chunks):
+    """The same tokens through our block and HF's, chunk after chunk (window 5 on sliding layers: its
+    edge falls inside the cache, inside a chunk longer than the window, and at every decode step past
+    it). Our buffers start as garbage (NaN: masks are by position, no slot is read before it is
+    written); every chunk's output must match HF's, and afterwards slot s must hold HF's key and value
+    of the latest position congruent to s."""
+    hf, rotary, config, make_mask, window, slots, vm, params = attention_pair
+    total = sum(chunks)
+    x = _randn(1, total, HIDDEN, seed=total + len(chunks))  # [1, total, hidden]
+    hf_out, hf_k, hf_v = _hf_attention_in_chunks(hf, rotary, config, make_mask, x, chunks)
+    head_dim = hf_k.shape[-1]
+    k_cache, v_cache = (_tensor(np.full((slots, KV_HEADS, head_dim), np.nan)) for _ in range(2))
+    outs, lo = [], 0
+    for size in chunks:
+        out, k_after, v_after = vm["forward"](_tensor(x[0, lo:lo + size]), tvm.runtime.ShapeTuple([lo]),
+                                              k_cache, v_cache, *params)
+        assert k_after.same_as(k_cache) and v_after.same_as(v_cache)  # written in place
+        outs.append(out.numpy())
+        lo += size
+    assert max_rel_diff(np.concatenate(outs), hf_out.numpy()) <= CPU_TOLERANCE  # [total, hidden]
+    filled = key_column_positions(total, 0, slots)  # the position each filled slot holds now
+    for ours, ref in ((k_cache, hf_k), (v_cache, hf_v)):  # keys: projection, qk-norm, RoPE
+        assert max_rel_diff(ours.numpy()[:filled.size], ref.numpy()[filled]) <= CPU_TOLERANCE
     if window is not None:  # the window must matter here, or this case tests only the causal mask
         from transformers.masking_utils import create_causal_mask
 
-        full, _, _ = _hf_attention_with_cache(hf, rotary, config, create_causal_mask, x, p)
+        full, _, _ = _hf_attention_in_chunks(hf, rotary, config, create_causal_mask, x, chunks)
         scale = np.abs(hf_out.numpy()).max()
         assert np.abs(full.numpy() - hf_out.numpy()).max() > 100 * CPU_TOLERANCE * scale
 

@@ -20,6 +20,7 @@ from qcompile.measure import reference
 from qcompile.parallel.shards import TensorParallel
 from qcompile.parallel.stages import device_parameter_counts, partition
 from qcompile.run import layouts
+from qcompile.spec.model import ModelSpec
 from qcompile.run.weights import load_parameters
 from qcompile.spec.model import resolve_model
 
@@ -185,7 +186,9 @@ def test_manifest_records_the_stages(libraries):
     assert first[0] == "model.embed_tokens.weight" and "model.layers.1.mlp.down_proj.weight" in first
     assert "model.layers.2.mlp.down_proj.weight" in last and "model.norm.weight" in last
     assert "model.embed_tokens.weight" in last  # the tied LM head
-    assert list(stages[1]["functions"]["prefill"]["inputs"]) == ["inputs", "kv_cache", "packed_params"]
+    assert list(stages[1]["functions"]["prefill"]["inputs"]) == ["inputs", "position", "kv_cache", "packed_params"]
+    config = ModelSpec.from_manifest(manifest).config  # every layer's buffers; each stage allocates its own
+    assert manifest["kv_cache"]["layers"] == config.kv_cache_layout(64)
     assert stages[1]["functions"]["prefill"]["inputs"]["inputs"]["shape"] == ["n", 64]  # the hidden state
 
 

@@ -66,7 +66,7 @@ def export(plan: BuildPlan, stage: Stage | None = None) -> tuple[Any, list[tuple
         from ..models.packing import pack_weights  # noqa: PLC0415
 
         pack_weights(module)
-    specs = module.export_spec()
+    specs = module.export_spec(plan.max_seq_len) if spec.kind.has_sequence else module.export_spec()
     buckets = plan.buckets
     for size in buckets["sizes"]:
         name = f"{buckets['function']}_{size}"
@@ -87,6 +87,16 @@ def _fix_dim(arg_spec: Any, dim: str, size: int) -> Any:
     if isinstance(arg_spec, nn.spec.Tensor):
         return nn.spec.Tensor([size if d == dim else d for d in arg_spec.shape], arg_spec.dtype)
     return arg_spec
+
+
+def kv_cache_manifest(plan: BuildPlan) -> dict[str, Any] | None:
+    """A decoder's KV cache buffers, as the runtime allocates them: per layer, K and V of `slots` rows
+    [slots, kv_heads, head_dim] (`DecoderConfig.kv_cache_layout`). None for an encoder."""
+    if not plan.spec.kind.has_sequence:
+        return None
+    cfg = plan.model_config  # one shard's when split: its share of the kv heads
+    return {"layers": cfg.kv_cache_layout(plan.max_seq_len), "dtype": plan.dtype,
+            "row": [cfg.num_key_value_heads, cfg.resolved_head_dim]}
 
 
 def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, Any]:
@@ -147,6 +157,7 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "library": {"file": library.LIBRARY, "sha256": library.sha256_file(directory / library.LIBRARY)},
         "versions": versions(),
         "buckets": plan.buckets,
+        "kv_cache": kv_cache_manifest(plan),
         "device_code": device_code,
         "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
                             if plan.schedules else None),

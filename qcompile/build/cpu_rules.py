@@ -26,11 +26,13 @@ Rules (each returns None when the kernel is not of its class):
          (Measured, 2 threads on an AVX-512 Xeon, 128 x 896 . 4864 x 896: 262-294 GFLOP/s for tiles
          4x2 and 6x2, twice the `gemm` rule on the HF layout; decode's 1 x 896 . 151936 x 896 reads
          32 GB/s.) Elementwise epilogues (bias, residual, activation) run on the tile while it is hot.
-  attention  the two products of attention over the growing KV cache (`models.layers.attention_scores`
-         and `attention_values`; their length is symbolic, so no tuning reaches them): threads over
-         (query, head) pairs; values accumulate a head's output row in registers while walking the
-         cache rows in order (each row's head_dim values contiguous), instead of striding down a column.
-         Elementwise epilogues (scale, mask, cast) run on the threads too.
+  attention  the two products of attention over the KV cache (`models.layers.attention_scores` and
+         `attention_values`; their length is symbolic, so no tuning reaches them), each one product per
+         source of keys (the buffers' filled slots, the chunk's rows): threads over (query, head) pairs;
+         scores sum each dot product in lanes-wide partial sums; values accumulate a head's output row
+         in registers while walking the rows in order (each row's head_dim values contiguous), instead of
+         striding down a column. Elementwise epilogues (columns side by side, sum, scale, mask, cast)
+         run on the threads too; so do the softmax between them (`attention_probs`), a row a thread.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ GEMM_LANES = 8
 PACKED_TILE_ROWS = 6  # input rows per register tile of the packed rule (x `vectors` 16-wide accumulators)
 # The first block of the two attention products (models.layers.attention_scores / attention_values).
 ATTENTION_BLOCKS = ("attention_scores", "attention_acc")
+ATTENTION_PROBS_BLOCK = "attention_probs_max"  # the first block of models.layers.attention_probs
 
 
 def vector_lanes(target: Any) -> int:
@@ -158,7 +161,9 @@ def _reads_rows_along_k(sch: Any, block: Any) -> bool:
 
 
 def attention(func: Any, target: Any) -> Any | None:
-    """The attention-product schedule described above, or None."""
+    """The attention-product schedule described above, or None. A kernel holds one product per source of
+    keys (the KV buffers' filled slots, the chunk's own rows: `models.layers`), each scheduled alike,
+    then elementwise blocks (columns side by side / the sum, scale, mask, cast)."""
     from tvm import s_tir  # noqa: PLC0415
 
     sch = s_tir.Schedule(func)
@@ -166,42 +171,48 @@ def attention(func: Any, target: Any) -> Any | None:
         blocks = _blocks(sch)
     except Exception:  # noqa: BLE001 (no root block: not a kernel written as blocks)
         return None
-    names = [sch.get(b).name_hint for b in blocks]
-    if names[0] == "attention_acc":  # [n, h, d] += probs[h, n, j] * v[j, kv, d] over the cache rows j
-        block = blocks[0]
-        i, head, dim, row = sch.get_loops(block)
-        sch.reorder(i, head, row, dim)
-        pairs = sch.fuse(i, head)
-        sch.parallel(pairs)
-        sch.annotate(block, RULE_ATTR, "attention")
-        accumulator = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(accumulator, pairs)
-        for epilogue in blocks[1:]:
-            sch.reverse_compute_at(epilogue, pairs)
-        sch.decompose_reduction(block, sch.get_loops(block)[1])
+    first = sch.get(blocks[0]).name_hint
+    if first == ATTENTION_PROBS_BLOCK:  # softmax over each row of scores: rows in parallel, each block
+        for block in blocks:
+            sch.parallel(sch.fuse(*sch.get_loops(block)[:2]))
+        sch.annotate(blocks[0], RULE_ATTR, "attention")
         return sch
-    if names[0] == "attention_scores":  # [h, n, j] = q[n, h, :] . k[j, kv, :]
-        block = blocks[0]
-        head, i, row, dim = sch.get_loops(block)
+    if first not in ATTENTION_BLOCKS:
+        return None
+    names = [sch.get(b).name_hint for b in blocks if _is_reduction(sch, b)]
+    epilogues = [b for b in blocks if not _is_reduction(sch, b)]
+    if first == "attention_acc":  # [n, h, d] += probs[h, n, j] * v[j, kv, d] over the rows j
+        for name in names:
+            block = sch.get_sblock(name)
+            i, head, dim, row = sch.get_loops(block)
+            sch.reorder(i, head, row, dim)
+            pairs = sch.fuse(i, head)
+            sch.parallel(pairs)
+            sch.annotate(block, RULE_ATTR, "attention")
+            accumulator = sch.cache_write(block, 0, "local")
+            sch.reverse_compute_at(accumulator, pairs)
+            sch.decompose_reduction(block, sch.get_loops(block)[1])
+    else:  # [h, n, j] = q[n, h, :] . k[j, kv, :]
         lanes = vector_lanes(target)
-        if _const(sch.get(dim).extent) is None or _const(sch.get(dim).extent) % lanes:
-            return None
-        # Each dot product over head_dim in `lanes`-wide partial sums (an rfactor), added up per row.
-        dim_outer, dim_lane = sch.split(dim, [None, lanes])
-        partial = sch.rfactor(dim_lane, factor_axis=3)
-        sch.annotate(partial, RULE_ATTR, "attention")
-        sch.set_scope(partial, 0, "local")
-        head, i, row, dim_outer, dim_lane = sch.get_loops(partial)
-        sch.reorder(head, i, row, dim_outer, dim_lane)
-        sch.parallel(sch.fuse(head, i))
-        row = sch.get_loops(partial)[1]
-        sch.reverse_compute_at(sch.get_sblock("attention_scores"), row)
-        sch.decompose_reduction(partial, sch.get_loops(partial)[2])
-        for epilogue in blocks[1:]:
-            loops = sch.get_loops(epilogue)
-            sch.parallel(sch.fuse(*loops[:2]))
-        return sch
-    return None
+        for name in names:
+            block = sch.get_sblock(name)
+            head, i, row, dim = sch.get_loops(block)
+            if _const(sch.get(dim).extent) is None or _const(sch.get(dim).extent) % lanes:
+                return None
+            # Each dot product over head_dim in `lanes`-wide partial sums (an rfactor), added up per row.
+            dim_outer, dim_lane = sch.split(dim, [None, lanes])
+            partial = sch.rfactor(dim_lane, factor_axis=3)
+            sch.annotate(partial, RULE_ATTR, "attention")
+            sch.set_scope(partial, 0, "local")
+            head, i, row, dim_outer, dim_lane = sch.get_loops(partial)
+            sch.reorder(head, i, row, dim_outer, dim_lane)
+            sch.parallel(sch.fuse(head, i))
+            row = sch.get_loops(partial)[1]
+            sch.reverse_compute_at(sch.get_sblock(name), row)
+            sch.decompose_reduction(partial, sch.get_loops(partial)[2])
+    for epilogue in epilogues:
+        sch.parallel(sch.fuse(*sch.get_loops(epilogue)[:2]))
+    return sch
 
 
 def packed(func: Any, target: Any) -> Any | None:

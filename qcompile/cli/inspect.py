@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .. import api
 from ..quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES
 from .common import add_build_options, add_target, emit_json, listing, non_negative_int
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def add(sub) -> None:
@@ -53,6 +56,8 @@ def inspect(args) -> None:
               + ", ".join(f"{k} {v}" for k, v in split["shard_config"].items()))
     for stage in summary["pipeline"] or ():
         print(f"  stage {stage['stage']}   layers {stage['layers'][0]}..{stage['layers'][1] - 1}: {stage['library']['file']}")
+    if summary["kv_cache"]:
+        print(f"  kv cache  {kv_cache_line(summary['kv_cache'])}")
     tuning = summary["tuning_database"]
     print("  schedules " + (f"{len(tuning['kernels']['tuned'])} tuned kernels from {tuning['sha256']}"
                             if tuning else "default only"))
@@ -74,3 +79,17 @@ def inspect_model(args) -> None:
     print(f"{args.library} for {args.target}: memory plan (nothing built)")
     for line in [*api.memory_lines(plan), *([fit[1]] if fit else [])]:
         print(f"  {line}")
+
+
+def kv_cache_line(cache: dict) -> str:
+    """The manifest's KV cache layout in a line, e.g. "full_attention x1: 256 slots, sliding_attention
+    (window 8) x2: 8 slots; K and V [slots, 2, 16] float32 each, 0.1 MiB in all"."""
+    groups: dict[tuple[str, int], int] = {}  # (kind, slots) -> layers
+    for layer in cache["layers"]:
+        key = (layer["kind"] + (f" (window {layer['window']})" if "window" in layer else ""), layer["slots"])
+        groups[key] = groups.get(key, 0) + 1
+    row = math.prod(cache["row"]) * DTYPE_BYTES[cache["dtype"]]
+    total = 2 * sum(layer["slots"] for layer in cache["layers"]) * row
+    kinds = ", ".join(f"{kind} x{count}: {slots} slots" for (kind, slots), count in groups.items())
+    return (f"{kinds}; K and V [slots, {', '.join(map(str, cache['row']))}] {cache['dtype']} each, "
+            f"{total / 2**20:.1f} MiB in all")

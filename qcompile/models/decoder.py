@@ -67,6 +67,13 @@ class DecoderConfig:
         window = self.sliding_window if self.use_sliding_window else None
         return [window] * self.num_hidden_layers
 
+    def kv_cache_layout(self, max_seq_len: int) -> list[dict[str, Any]]:
+        """Per layer, its KV buffers' rows ("slots"): a full-attention layer keeps every position up to
+        max_seq_len; a sliding layer only its window (a ring: position q in slot q % slots)."""
+        return [{"kind": "full_attention", "slots": max_seq_len} if window is None else
+                {"kind": "sliding_attention", "window": window, "slots": min(window, max_seq_len)}
+                for window in self.layer_windows()]
+
     def canonical(self) -> dict[str, Any]:
         """What decides the computation, one spelling per meaning (for keys and checkpoint checks)."""
         fields = dataclasses.asdict(self)

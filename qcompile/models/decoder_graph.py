@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tvm import tirx as tir
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
@@ -38,10 +39,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = mlp
 
-    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor):
-        attn, k, v = self.self_attn(self.input_layernorm(x), past_k, past_v)
+    def forward(self, x: Tensor, position: tir.PrimExpr, k_cache: Tensor, v_cache: Tensor):
+        attn, k_cache, v_cache = self.self_attn(self.input_layernorm(x), position, k_cache, v_cache)
         x = x + self._whole(attn)
-        return x + self._whole(self.mlp(self.post_attention_layernorm(x))), k, v
+        return x + self._whole(self.mlp(self.post_attention_layernorm(x))), k_cache, v_cache
 
     def _whole(self, partial: Tensor) -> Tensor:
         return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
@@ -55,10 +56,15 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Entry points `prefill` (n tokens) and `decode` (1 token); both extend the KV cache.
+    """Entry points `prefill` (n tokens) and `decode` (1 token) at `position` (the tokens already in the
+    sequence); both write the new tokens' keys and values into the KV cache in place.
 
-    kv_cache: 2 * num_layers tensors [p, kv_heads, head_dim] (k0, v0, k1, v1, ...), p positions so far.
-    Returns float32 logits [n, vocab] for every new position and the extended cache ([p + n, ...]).
+    kv_cache: 2 * num_layers buffers [slots, kv_heads, head_dim] (k0, v0, k1, v1, ...), slots per layer
+    from `DecoderConfig.kv_cache_layout` (max_seq_len on a full layer, the window on a sliding one;
+    position q lives in slot q % slots). They hold garbage until written: attention reads only slots
+    written in this sequence, so a new sequence starts by passing position 0.
+    Returns float32 logits [n, vocab] for every new position, and the buffers (the same memory: Relax
+    needs the in-place results used, or it would drop the writes).
     """
 
     def __init__(self, cfg: DecoderConfig, layers: list[DecoderLayer], dtype: str):
@@ -72,19 +78,21 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             layer.shards = shards
 
-    def _forward(self, input_ids: Tensor, kv_cache: list[Tensor]):
-        x, new_cache = run_layers(self.model.layers, self.model.embed_tokens(input_ids), kv_cache)
-        return logits(self.cfg, self.model, getattr(self, "lm_head", None), x), new_cache
+    def _forward(self, input_ids: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
+        x, written = run_layers(self.model.layers, self.model.embed_tokens(input_ids), position, kv_cache)
+        return logits(self.cfg, self.model, getattr(self, "lm_head", None), x), written
 
-    def prefill(self, input_ids: Tensor, kv_cache: list[Tensor]):
-        return self._forward(input_ids, kv_cache)
+    def prefill(self, input_ids: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
+        return self._forward(input_ids, position, kv_cache)
 
-    def decode(self, input_ids: Tensor, kv_cache: list[Tensor]):
-        return self._forward(input_ids, kv_cache)
+    def decode(self, input_ids: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
+        return self._forward(input_ids, position, kv_cache)
 
-    def export_spec(self) -> dict[str, Any]:
-        """The entry points' argument specs for `export_tvm` (n, p symbolic; weights packed last)."""
-        return entry_specs(self.cfg, self.dtype, self.cfg.num_hidden_layers, hidden_in=False, name="input_ids")
+    def export_spec(self, max_seq_len: int) -> dict[str, Any]:
+        """The entry points' argument specs for `export_tvm` (n and position symbolic; the cache buffers
+        static, sized for `max_seq_len`; weights packed last)."""
+        return entry_specs(self.cfg, self.dtype, self.cfg.kv_cache_layout(max_seq_len), hidden_in=False,
+                           name="input_ids")
 
     def pipeline_stage(self, first_layer: int, end_layer: int, is_first: bool, is_last: bool) -> PipelineStage:
         """Layers first_layer..end_layer-1 as one pipeline stage (with the embedding if first, the final
@@ -92,13 +100,14 @@ class CausalLM(nn.Module):
         return PipelineStage(self, first_layer, end_layer, is_first, is_last)
 
 
-def run_layers(layers, x: Tensor, kv_cache: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """x [n, hidden] through `layers`, each extending its pair of the cache (k0, v0, k1, v1, ...)."""
-    new_cache = []
+def run_layers(layers, x: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """x [n, hidden] at `position` through `layers`, each writing its pair of the cache buffers (k0, v0,
+    k1, v1, ...) in place; returns the buffers as written (Relax keeps a write only if it is used)."""
+    written = []
     for i, layer in enumerate(layers):
-        x, k, v = layer(x, kv_cache[2 * i], kv_cache[2 * i + 1])
-        new_cache += [k, v]
-    return x, new_cache
+        x, k_cache, v_cache = layer(x, position, kv_cache[2 * i], kv_cache[2 * i + 1])
+        written += [k_cache, v_cache]
+    return x, written
 
 
 def logits(cfg: DecoderConfig, model: nn.Module, lm_head: nn.Module | None, x: Tensor) -> Tensor:
@@ -108,18 +117,20 @@ def logits(cfg: DecoderConfig, model: nn.Module, lm_head: nn.Module | None, x: T
     return out.astype(F32)
 
 
-def entry_specs(cfg: DecoderConfig, dtype: str, num_layers: int, hidden_in: bool, name: str) -> dict[str, Any]:
+def entry_specs(cfg: DecoderConfig, dtype: str, layers: list[dict[str, Any]], hidden_in: bool,
+                name: str) -> dict[str, Any]:
     """prefill / decode specs: token ids [n] (or, for a later pipeline stage, the hidden state
-    [n, hidden]) and `num_layers` layers' KV cache; weights packed last."""
-    entry = [cfg.num_key_value_heads, cfg.resolved_head_dim]
+    [n, hidden]), the position (symbolic) and the given layers' KV buffers ([slots, kv, head_dim] per
+    `DecoderConfig.kv_cache_layout` entry, K and V); weights packed last."""
+    row = [cfg.num_key_value_heads, cfg.resolved_head_dim]
     modes = {"param_mode": "packed", "effect_mode": "none"}
-    cache = [nn.spec.Tensor(["p", *entry], dtype) for _ in range(2 * num_layers)]
+    cache = [nn.spec.Tensor([layer["slots"], *row], dtype) for layer in layers for _ in ("k", "v")]
 
     def first(n):  # the entry point's first argument, `name`
         return {name: nn.spec.Tensor([n, cfg.hidden_size], dtype) if hidden_in else nn.spec.Tensor([n], "int32")}
 
-    return {"prefill": {**first("n"), "kv_cache": cache, "$": modes},
-            "decode": {**first(1), "kv_cache": list(cache), "$": modes}}
+    return {"prefill": {**first("n"), "position": nn.spec.Int(), "kv_cache": cache, "$": modes},
+            "decode": {**first(1), "position": nn.spec.Int(), "kv_cache": list(cache), "$": modes}}
 
 
 class StageModel(nn.Module):
@@ -141,25 +152,26 @@ class PipelineStage(nn.Module):
 
     def __init__(self, lm: CausalLM, first_layer: int, end_layer: int, is_first: bool, is_last: bool):
         self.cfg, self.dtype, self.is_first, self.is_last = lm.cfg, lm.dtype, is_first, is_last
-        self.num_layers = end_layer - first_layer
+        self.first_layer, self.end_layer = first_layer, end_layer
         tied = lm.cfg.tie_word_embeddings
         self.model = StageModel(lm.model, first_layer, end_layer, embed=is_first or (is_last and tied),
                                 norm=is_last)
         if is_last and not tied:
             self.lm_head = lm.lm_head
 
-    def _forward(self, inputs: Tensor, kv_cache: list[Tensor]):
+    def _forward(self, inputs: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
         x = self.model.embed_tokens(inputs) if self.is_first else inputs
-        x, new_cache = run_layers(self.model.layers, x, kv_cache)
+        x, written = run_layers(self.model.layers, x, position, kv_cache)
         if self.is_last:
-            return logits(self.cfg, self.model, getattr(self, "lm_head", None), x), new_cache
-        return x, new_cache
+            return logits(self.cfg, self.model, getattr(self, "lm_head", None), x), written
+        return x, written
 
-    def prefill(self, inputs: Tensor, kv_cache: list[Tensor]):
-        return self._forward(inputs, kv_cache)
+    def prefill(self, inputs: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
+        return self._forward(inputs, position, kv_cache)
 
-    def decode(self, inputs: Tensor, kv_cache: list[Tensor]):
-        return self._forward(inputs, kv_cache)
+    def decode(self, inputs: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
+        return self._forward(inputs, position, kv_cache)
 
-    def export_spec(self) -> dict[str, Any]:
-        return entry_specs(self.cfg, self.dtype, self.num_layers, hidden_in=not self.is_first, name="inputs")
+    def export_spec(self, max_seq_len: int) -> dict[str, Any]:
+        layers = self.cfg.kv_cache_layout(max_seq_len)[self.first_layer:self.end_layer]
+        return entry_specs(self.cfg, self.dtype, layers, hidden_in=not self.is_first, name="inputs")

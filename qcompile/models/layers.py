@@ -1,7 +1,8 @@
 """Blocks shared by the decoder families, written in `tvm.relax.frontend.nn`.
 
 Shapes: the decoders run one sequence (batch 1), so activations are [n, hidden] for n new tokens, and a
-layer's KV cache is a pair of tensors [p, n_kv_heads, head_dim] for p cached positions. Every block matches
+layer's KV cache is a pair of preallocated buffers [slots, n_kv_heads, head_dim] written in place (see
+"attention over a KV cache" below). Every block matches
 the Hugging Face module it is named after (the reference in tests).
 """
 
@@ -13,8 +14,12 @@ from tvm import relax, te
 from tvm import tirx as tir
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
+from tvm.script import tirx as T
 
 F32 = "float32"
+SMALLEST_NORMAL = 1.1754943508222875e-38  # float32's smallest normal number (numpy: finfo.tiny)
+EXP_SMALLEST_NORMAL = -87.33654475055310  # ln(SMALLEST_NORMAL): exp below it is subnormal or 0
+OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable (AnnotateTIROpPattern keeps a given one)
 
 
 def gather(x: Tensor, indices: Tensor, axis: int = 0) -> Tensor:
@@ -92,68 +97,177 @@ def apply_rope(x: Tensor, offset: tir.PrimExpr, theta: float) -> Tensor:
     return op.tensor_expr_op(compute, "rope", [x, offset])
 
 
-def attention_scores(q: Tensor, k: Tensor) -> Tensor:
-    """q [n, h, d], keys [t, kv, d] -> float32 q.k [h, n, t]. Query head hh reads kv head hh // (h / kv), as
-    HF's repeat_kv does, straight from the cache: no repeated or transposed copy of the keys."""
+# --- attention over a KV cache in preallocated buffers -------------------------------------------------
+#
+# A layer keeps its keys and values in two buffers of `slots` rows [slots, kv_heads, head_dim], written in
+# place. The key of position q lives in slot q % slots: a full-attention layer has slots = max_seq_len (a
+# ring that never wraps), a sliding layer slots = its window (a ring: it keeps only the keys a query can
+# still see). Before a chunk of n new tokens at positions p .. p + n - 1, the buffers hold the
+# min(p, slots) most recent positions: slot s holds the latest position < p congruent to s mod slots.
+#
+# A chunk attends over "key columns": first the min(p, slots) filled slots (in slot order), then the
+# chunk's own n keys; masks are by position, so the order of the columns does not matter, and a ring
+# never overwrites a key a query of the same chunk still needs (the chunk is written after attention).
 
-    def compute(q: te.Tensor, k: te.Tensor):
+
+def cached_columns(position: tir.PrimExpr, slots: int | tir.PrimExpr) -> tir.PrimExpr:
+    """How many key columns come from the buffers: the filled slots, min(position, slots)."""
+    return tir.min(position, slots)
+
+
+def key_position(j: tir.PrimExpr, position: tir.PrimExpr, slots: int | tir.PrimExpr) -> tir.PrimExpr:
+    """The sequence position of key column j before a chunk starting at `position`: a filled slot j holds
+    the latest position < `position` congruent to j (mod slots); column m + r is the chunk's row r."""
+    m = cached_columns(position, slots)
+    return tir.if_then_else(j < m, j + slots * tir.floordiv(position - 1 - j, slots), position + j - m)
+
+
+def attention_scores(q: Tensor, k_cache: Tensor, k_new: Tensor, position: tir.PrimExpr) -> Tensor:
+    """q [n, h, d], key columns (k_cache [slots, kv, d] filled slots, then k_new [n, kv, d]) -> float32 q.k
+    [h, n, min(position, slots) + n]. Query head hh reads kv head hh // (h / kv), as HF's repeat_kv does,
+    straight from the buffers: no repeated, transposed or concatenated copy of the keys.
+
+    Two products, one per source (each reads its rows contiguously: one loop over `d` per score, which
+    the CPU rule vectorises), then the columns side by side."""
+
+    def compute(q: te.Tensor, k_cache: te.Tensor, k_new: te.Tensor, position: tir.PrimExpr):
         n, heads, d = q.shape
-        kv_heads = k.shape[1]
+        group = heads // k_cache.shape[1]
+        m = cached_columns(position, k_cache.shape[0])
+
+        def product(keys: te.Tensor, columns: tir.PrimExpr, name: str) -> te.Tensor:
+            r = te.reduce_axis((0, d), name="r")
+            return te.compute((heads, n, columns), lambda hh, i, j: te.sum(
+                q[i, hh, r].astype(F32) * keys[j, hh // group, r].astype(F32), axis=r), name=name)
+
+        cached = product(k_cache, m, "attention_scores")
+        chunk = product(k_new, n, "attention_scores_chunk")
+        return te.compute((heads, n, m + n), lambda hh, i, j: tir.if_then_else(
+            j < m, cached[hh, i, j], chunk[hh, i, j - m]), name="attention_columns")
+
+    # Declared "output-elementwise fusable" (TVM's pattern for a matmul-like kernel), so the scale and
+    # the mask fuse into this kernel; TVM's own analysis cannot tell with two products.
+    return op.tensor_expr_op(compute, "attention_scores", [q, k_cache, k_new, position],
+                             attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+
+
+def attention_values(probs: Tensor, v_cache: Tensor, v_new: Tensor, position: tir.PrimExpr) -> Tensor:
+    """probs [h, n, columns] over the key columns, values (v_cache [slots, kv, d] filled slots, then v_new
+    [n, kv, d]) -> [n, h, d] in the values' dtype (accumulated in float32); query head hh reads kv head
+    hh // (h / kv), straight from the buffers. One weighted sum per source, then their sum."""
+
+    def compute(p: te.Tensor, v_cache: te.Tensor, v_new: te.Tensor, position: tir.PrimExpr):
+        heads, n, _ = p.shape
+        kv_heads, d = v_cache.shape[1], v_cache.shape[2]
         group = heads // kv_heads
-        r = te.reduce_axis((0, d), name="r")
-        return te.compute((heads, n, k.shape[0]), lambda hh, i, j: te.sum(
-            q[i, hh, r].astype(F32) * k[j, hh // group, r].astype(F32), axis=r), name="attention_scores")
+        m = cached_columns(position, v_cache.shape[0])
 
-    return op.tensor_expr_op(compute, "attention_scores", [q, k])
+        def weight(hh, i, column):
+            # A probability below float32's smallest normal number (a subnormal: a far, low-scoring key)
+            # counts as 0: its share of the sum is below 1e-38 of it, and every multiplication by a
+            # subnormal costs a microcode assist on x86 (at 2048 cached tokens, 7x this kernel's time).
+            w = p[hh, i, column].astype(F32)
+            return tir.if_then_else(w < tir.const(SMALLEST_NORMAL, F32), tir.const(0.0, F32), w)
+
+        def weighted_sum(values: te.Tensor, rows: tir.PrimExpr, first_column: tir.PrimExpr, name: str):
+            j = te.reduce_axis((0, rows), name="j")
+            return te.compute((n, heads, d), lambda i, hh, dd: te.sum(
+                weight(hh, i, first_column + j) * values[j, hh // group, dd].astype(F32), axis=j), name=name)
+
+        cached = weighted_sum(v_cache, m, 0, "attention_acc")
+        chunk = weighted_sum(v_new, n, m, "attention_acc_chunk")
+        # With no filled slot (a sequence's first chunk) the cached sum is over no rows; TVM's lowering may
+        # then skip its initialisation (it runs inside the empty loop), so it is not read at all.
+        return te.compute((n, heads, d), lambda i, hh, dd: tir.if_then_else(
+            m > 0, cached[i, hh, dd] + chunk[i, hh, dd], chunk[i, hh, dd]).astype(v_cache.dtype),
+            name="attention_values")
+
+    return op.tensor_expr_op(compute, "attention_values", [probs, v_cache, v_new, position])
 
 
-def attention_values(probs: Tensor, v: Tensor) -> Tensor:
-    """probs [h, n, t], values [t, kv, d] -> [n, h, d] in the values' dtype (accumulated in float32); query
-    head hh reads kv head hh // (h / kv), straight from the cache."""
+def masked_scores(scores: Tensor, position: tir.PrimExpr, slots: int, window: int | None) -> Tensor:
+    """Causal (and, for a sliding layer, windowed) mask on float32 scores [heads, n, columns] over the key
+    columns of a chunk at `position` (filled slots of a `slots`-row buffer, then the chunk).
 
-    def compute(p: te.Tensor, v: te.Tensor):
-        heads, n, t = p.shape
-        kv_heads, d = v.shape[1], v.shape[2]
-        group = heads // kv_heads
-        j = te.reduce_axis((0, t), name="j")
-        acc = te.compute((n, heads, d), lambda i, hh, dd: te.sum(
-            p[hh, i, j].astype(F32) * v[j, hh // group, dd].astype(F32), axis=j), name="attention_acc")
-        return te.compute((n, heads, d), lambda i, hh, dd: acc[i, hh, dd].astype(v.dtype), name="attention_values")
-
-    return op.tensor_expr_op(compute, "attention_values", [probs, v])
-
-
-def masked_scores(scores: Tensor, window: int | None) -> Tensor:
-    """Causal (and, for a sliding layer, windowed) mask on float32 scores [heads, n, t].
-
-    The n queries are the last n of the t positions, so query i sits at position t - n + i. It sees key j
-    when j <= t - n + i, and on a sliding layer only when also j > t - n + i - window: the window holds
-    `window` keys including the query itself (HF's create_sliding_window_causal_mask). Masked entries get
-    float32's lowest value, as HF does, so a softmax gives them exactly zero weight.
+    Query i sits at position + i. It sees the key at position j when j <= position + i, and on a sliding
+    layer only when also j > position + i - window: the window holds `window` keys including the query
+    itself (HF's create_sliding_window_causal_mask). Masked entries get float32's lowest value, as HF
+    does, so a softmax gives them exactly zero weight.
     """
 
-    def compute(s: te.Tensor):
-        _, n, t = s.shape
+    def compute(s: te.Tensor, position: tir.PrimExpr):
         lowest = tir.min_value(F32)
 
         def element(h, i, j):
-            query_pos = t - n + i
-            visible = j <= query_pos
+            query_pos, key_pos = position + i, key_position(j, position, slots)
+            visible = key_pos <= query_pos
             if window is not None:
-                visible = tir.all(visible, j > query_pos - window)
+                visible = tir.all(visible, key_pos > query_pos - window)
             return tir.if_then_else(visible, s[h, i, j], lowest)
 
         return te.compute(s.shape, element, name="masked_scores")
 
-    return op.tensor_expr_op(compute, "masked_scores", [scores])
+    return op.tensor_expr_op(compute, "masked_scores", [scores, position])
+
+
+def attention_probs(scores: Tensor) -> Tensor:
+    """Softmax over the key columns of float32 scores [heads, n, columns], as HF computes it (exp(s - max)
+    / sum, float32), except that an exp below float32's smallest normal number counts as 0 (its share
+    is below 1e-38; a subnormal result costs the exp and the division a slow path each)."""
+
+    def compute(s: te.Tensor):
+        heads, n, columns = s.shape
+        k = te.reduce_axis((0, columns), name="k")
+        top = te.compute((heads, n), lambda h, i: te.max(s[h, i, k], axis=k), name="attention_probs_max")
+
+        def exp(h, i, j):
+            x = s[h, i, j] - top[h, i]
+            return tir.if_then_else(x < tir.const(EXP_SMALLEST_NORMAL, F32), tir.const(0.0, F32), tir.exp(x))
+
+        e = te.compute(s.shape, exp, name="attention_probs_exp")
+        k = te.reduce_axis((0, columns), name="k")
+        total = te.compute((heads, n), lambda h, i: te.sum(e[h, i, k], axis=k), name="attention_probs_sum")
+        return te.compute(s.shape, lambda h, i, j: e[h, i, j] / total[h, i], name="attention_probs")
+
+    return op.tensor_expr_op(compute, "attention_probs", [scores])
+
+
+def write_chunk(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
+                position: tir.PrimExpr) -> tuple[Tensor, Tensor]:
+    """Write the chunk's keys and values (k_new, v_new [n, kv, d], positions position ..) into their slots
+    of the buffers [slots, kv, d], in place: position q into slot q % slots. Only the chunk's last
+    min(n, slots) rows are written (on a ring, earlier ones would be overwritten within the chunk), so
+    every slot is written at most once, whatever the threads' order.
+    Returns the buffers (the same memory)."""
+    slots, kv_heads, head_dim = (int(x) for x in k_cache.shape)
+    dtype = k_cache.dtype
+
+    @T.prim_func(private=True, s_tir=True)
+    def kv_write(var_k: T.handle, var_v: T.handle, var_k_new: T.handle, var_v_new: T.handle,
+                 position: T.int64):
+        n = T.int64()
+        k = T.match_buffer(var_k, (slots, kv_heads, head_dim), dtype)
+        v = T.match_buffer(var_v, (slots, kv_heads, head_dim), dtype)
+        k_new = T.match_buffer(var_k_new, (n, kv_heads, head_dim), dtype)
+        v_new = T.match_buffer(var_v_new, (n, kv_heads, head_dim), dtype)
+        for row, head, e in T.grid(n, kv_heads, head_dim):
+            with T.sblock("kv_write"):
+                r, h, x = T.axis.remap("SSS", [row, head, e])
+                if r + slots >= n:  # the chunk's last `slots` rows: each slot is written once
+                    k[T.floormod(position + r, slots), h, x] = k_new[r, h, x]
+                    v[T.floormod(position + r, slots), h, x] = v_new[r, h, x]
+
+    return op.tensor_ir_inplace_op(kv_write, "kv_write", [k_cache, v_cache, k_new, v_new, position],
+                                   inplace_indices=[0, 1], out=[k_cache, v_cache])
 
 
 class CausalSelfAttention(nn.Module):
-    """Grouped-query self-attention with a KV cache, RoPE and an optional sliding window.
+    """Grouped-query self-attention over a KV cache in place, with RoPE and an optional sliding window.
 
     Query head h reads kv head h // (heads / kv_heads), as HF's repeat_kv does. q/k/v are one fused
     projection ([ (heads + 2*kv_heads) * head_dim, hidden ] weight). With `qk_norm_eps` (Qwen3), q and k
-    get a per-head RMSNorm over head_dim before RoPE.
+    get a per-head RMSNorm over head_dim before RoPE. The KV buffers' row count (slots) comes from their
+    shape: max_seq_len on a full layer, the window on a sliding one (see above).
     """
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool,
@@ -168,24 +282,26 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
 
-    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [n, hidden], past_k/v [p, kv, d] -> (out [n, hidden], k [p+n, kv, d], v [p+n, kv, d])."""
+    def forward(self, x: Tensor, position: tir.PrimExpr, k_cache: Tensor,
+                v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [n, hidden] at positions position .., k_cache/v_cache [slots, kv, d] -> (out [n, hidden], the
+        buffers with the chunk written in)."""
         n = x.shape[0]
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qkv = op.reshape(self.qkv_proj(x), (n, h + 2 * kv, d))
         q, k, v = op.split(qkv, [h, h + kv], axis=1)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        offset = past_k.shape[0]
-        q = apply_rope(q, offset, self.rope_theta)
-        k = apply_rope(k, offset, self.rope_theta)
-        k = op.concat([past_k, k], dim=0)  # [t, kv, d], t = p + n
-        v = op.concat([past_v, v], dim=0)
+        q = apply_rope(q, position, self.rope_theta)
+        k = apply_rope(k, position, self.rope_theta)
 
-        scores = attention_scores(q, k) * (1.0 / math.sqrt(d))  # [h, n, t] float32
-        probs = op.softmax(masked_scores(scores, self.window), axis=-1).astype(x.dtype)
-        out = attention_values(probs, v)  # [n, h, d]
-        return self.o_proj(op.reshape(out, (n, h * d))), k, v
+        slots = int(k_cache.shape[0])
+        scores = attention_scores(q, k_cache, k, position) * (1.0 / math.sqrt(d))  # [h, n, columns] float32
+        probs = attention_probs(masked_scores(scores, position, slots, self.window)).astype(x.dtype)
+        out = attention_values(probs, v_cache, v, position)  # [n, h, d]
+        # Written after attention has read the buffers (a ring's chunk may overwrite keys it needs).
+        k_cache, v_cache = write_chunk(k_cache, v_cache, k, v, position)
+        return self.o_proj(op.reshape(out, (n, h * d))), k_cache, v_cache
 
 
 def gathered_matmul(x: Tensor, weights: Tensor, expert: Tensor) -> Tensor:

@@ -134,7 +134,7 @@ class ShardedDecoder(Decoder):
     def _run(self, function: str, ids: np.ndarray) -> np.ndarray:
         session, cfg = self._session, self.spec.config
         out = self._step(self._vm, self._function_name(function, ids.size), session.broadcast(ids, in_group=False),
-                         self._cache, self._params, self._shards, self._stages, cfg.hidden_size, cfg.vocab_size,
+                         self.position, self._cache, self._params, self._shards, self._stages, cfg.hidden_size, cfg.vocab_size,
                          self.manifest["dtype"])
         logits, self._cache = self._item(out, 0), self._item(out, 1)
         host = self._host_empty((ids.size, self.vocab_size), "float32")

@@ -9,9 +9,9 @@ worker has the same functions:
   qcompile.parallel.load_module(private_dir, n_shards) -> its stage's VM module (private_dir/stage<s>/model.so)
   qcompile.parallel.load_shard(library_dir, weights_dir) -> [Tensor]: its stage's parameters, read as its
       shard's slices of the HF checkpoint (never a full copy of a split tensor), on its device
-  qcompile.parallel.empty_cache(library_dir) -> [Tensor]: its stage's layers' empty KV cache (its share
+  qcompile.parallel.empty_cache(library_dir) -> [Tensor]: its stage's layers' KV buffers (its share
       of the kv heads)
-  qcompile.parallel.step(module, function, inputs, cache, params, n_shards, n_stages) -> [logits, cache]:
+  qcompile.parallel.step(module, function, inputs, position, cache, params, ...) -> [logits, cache]:
       one call of its stage's entry point, the hidden state received from the previous stage and sent to
       the next (Disco's point-to-point builtins); worker 0 ends with the logits
   qcompile.parallel.failure(result) -> str: the UserError a function returned instead of raising it
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tvm_ffi import get_global_func, register_global_func
+from tvm_ffi import Shape, get_global_func, register_global_func
 
 from ..build.library import read_manifest
 from ..errors import UserError
@@ -97,20 +97,19 @@ def load_shard(library: str, weights: str) -> list[Any] | str:
 
 @register_global_func("qcompile.parallel.empty_cache", override=True)
 def empty_cache(library: str) -> list[Any]:
-    """Its stage's layers' empty tensors [0, kv_heads / shards, head_dim] (k, v per layer)."""
+    """Its stage's layers' KV buffers (k, v per layer; [slots, kv_heads / shards, head_dim] as the manifest's
+    `kv_cache` says), uninitialised: the entry points write them in place."""
     manifest = read_manifest(Path(library))
-    config, split = ModelSpec.from_manifest(manifest).config, shards.from_manifest(manifest)
-    shard = split.shard_config(config) if split else config
+    cache = manifest["kv_cache"]  # rows per shard: the build records one shard's kv heads
     record = _stage_record(manifest, _place(manifest)[0])
-    layers = record["layers"][1] - record["layers"][0] if record else config.num_hidden_layers
-    entry = np.zeros((0, shard.num_key_value_heads, shard.resolved_head_dim), manifest["dtype"])
+    layers = cache["layers"][record["layers"][0]:record["layers"][1]] if record else cache["layers"]
     rt, device = tvm_runtime.runtime(), _device()
-    return [rt.tensor(entry, device) for _ in range(2 * layers)]
+    return [rt.empty((layer["slots"], *cache["row"]), cache["dtype"], device) for layer in layers for _ in "kv"]
 
 
 @register_global_func("qcompile.parallel.step", override=True)
-def step(module: Any, function: str, inputs: Any, cache: Any, params: Any, n_shards: int, n_stages: int,
-         hidden: int, vocab: int, dtype: str) -> list[Any]:
+def step(module: Any, function: str, inputs: Any, position: int, cache: Any, params: Any, n_shards: int,
+         n_stages: int, hidden: int, vocab: int, dtype: str) -> list[Any]:
     """One call of this worker's stage: inputs (token ids [n]) -> [logits on worker 0 (else None), cache].
     A stage after the first receives the hidden state [n, hidden] from its counterpart in the previous
     stage; a stage before the last sends its output on; the last stage's first shard sends the logits
@@ -121,7 +120,7 @@ def step(module: Any, function: str, inputs: Any, cache: Any, params: Any, n_sha
     if stage > 0:
         x = rt.tensor(np.zeros((n, hidden), dtype), device)
         get_global_func("runtime.disco.recv_from_prev_group")(x)
-    out, cache = module[function](x, cache, params)
+    out, cache = module[function](x, Shape([position]), cache, params)  # writes the cache in place
     if stage < n_stages - 1:
         get_global_func("runtime.disco.send_to_next_group")(out)
         out = None

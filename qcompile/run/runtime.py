@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tvm_ffi
 
 from ..build.library import read_manifest
 from ..errors import UserError
@@ -85,6 +86,8 @@ class GenerateStats:
 class Library:
     """A verified library loaded with an HF checkpoint's weights (what Decoder and Encoder share)."""
 
+    _lock_fd: int | None = None  # a registry entry's shared lock, once loaded (also if __init__ failed early)
+
     def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
         self._lock_fd = None  # set last: a failed __init__ leaves the caller owning lock_fd
         self.manifest = manifest
@@ -138,15 +141,19 @@ class Decoder(Library):
     """
 
     def __init__(self, directory: Path, manifest: dict[str, Any], weights: Path, lock_fd: int | None = None):
+        if "kv_cache" not in manifest:  # before reading any weight
+            raise UserError(f"{directory}: built by an older qcompile (a copied KV cache, no 'kv_cache' in "
+                            f"its manifest); compile it again")
         super().__init__(directory, manifest, weights, lock_fd)
         cfg = self.spec.config
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = manifest["max_seq_len"]
         self.prefill_chunk = manifest["prefill_chunk"]
-        entry = (cfg.num_key_value_heads, cfg.resolved_head_dim)
-        self._empty_cache = [np.zeros((0, *entry), manifest["dtype"])] * (2 * cfg.num_hidden_layers)
-        self._cache: Any = None
-        self.position = 0  # tokens in the current sequence
+        # The KV cache: per layer, K and V buffers of `slots` rows, allocated once and written in place by
+        # every call (position q in slot q % slots; a sliding layer keeps only its window). Never
+        # cleared: attention reads only the slots written since position 0.
+        self._cache = self._new_cache()
+        self.position = 0  # tokens in the current sequence (0: none started)
         self.last_stats: GenerateStats | None = None  # of the last generate()
         self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
         self.last_step_logits: np.ndarray | None = None  # [new_tokens, vocab]: what chose each new token
@@ -166,26 +173,29 @@ class Decoder(Library):
         return array.astype(np.int32)
 
     def _run(self, function: str, ids: np.ndarray) -> np.ndarray:
-        logits, self._cache = self._function(function, ids.size)(self._tensor(ids, self.device), self._cache,
-                                                                 self._params)
+        """Run `ids` at the current position; the call writes their keys and values into the buffers
+        (it also returns the buffers: the same memory)."""
+        logits, _ = self._function(function, ids.size)(self._tensor(ids, self.device),
+                                                       tvm_ffi.Shape([self.position]), self._cache, self._params)
         self.position += ids.size
         return self._numpy(logits)
 
     def _new_cache(self) -> Any:
-        """An empty KV cache on the device (what the entry points take and return)."""
-        return [self._tensor(c, self.device) for c in self._empty_cache]
+        """The KV cache buffers on the device, uninitialised (what the entry points take and write)."""
+        cache = self.manifest["kv_cache"]
+        return [tvm_runtime.runtime().empty((layer["slots"], *cache["row"]), cache["dtype"], self.device)
+                for layer in cache["layers"] for _ in ("k", "v")]
 
     def prefill(self, ids: Any) -> np.ndarray:
         """Start a new sequence with `ids`; float32 logits [len(ids), vocab]."""
-        self.position = 0
+        self.position = 0  # the buffers' old contents are dead: nothing reads a slot before writing it
         ids = self._check_ids(ids, "prompt")
-        self._cache = self._new_cache()
         chunks = [ids[i:i + self.prefill_chunk] for i in range(0, ids.size, self.prefill_chunk)]
         return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token to the current sequence; float32 logits [vocab] for the next position."""
-        if self._cache is None:
+        if self.position == 0:
             raise UserError("decode: no sequence started; call prefill first")
         return self._run("decode", self._check_ids([token], "decode token"))[0]
 

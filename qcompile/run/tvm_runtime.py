@@ -140,10 +140,15 @@ class Runtime:
     def device(self, kind: str) -> tvm_ffi.Device:
         return tvm_ffi.device(kind, 0)
 
+    def empty(self, shape: tuple[int, ...], dtype: str, device: tvm_ffi.Device) -> Any:
+        """A runtime-allocated (aligned) tensor on `device`, not initialised (on the CPU, pages the
+        kernels never write are never touched)."""
+        return self._alloc(tvm_ffi.Shape(shape), tvm_ffi.dtype(dtype), device, None)
+
     def tensor(self, array: Any, device: tvm_ffi.Device) -> Any:
         """A runtime-allocated (aligned) tensor on `device` holding a copy of `array`."""
         array = np.ascontiguousarray(array)
-        tensor = self._alloc(tvm_ffi.Shape(array.shape), tvm_ffi.dtype(str(array.dtype)), device, None)
+        tensor = self.empty(array.shape, str(array.dtype), device)
         self._copy_from(tensor, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
         return tensor
 
