@@ -21,7 +21,8 @@ Log = Callable[[str], None]
 
 
 def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
-          schedules: str | os.PathLike | None = None, use_schedules: bool = True):
+          schedules: str | os.PathLike | None = None, use_schedules: bool = True,
+          quantization: str | None = None, group_size: int | None = None):
     try:
         from .build.plan import plan_build  # noqa: PLC0415
     except ModuleNotFoundError as e:  # a deploy bundle ships the runtime part alone
@@ -30,7 +31,8 @@ def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
         raise UserError(f"{getattr(model, 'name', model)}: this qcompile is runtime-only (a deploy bundle): "
                         "give a library directory, not a MODEL") from None
     return plan_build(resolve_model(model), load_target(target), dtype=dtype, max_seq_len=max_seq_len,
-                      use_schedules=use_schedules, schedules=Path(schedules) if schedules is not None else None)
+                      use_schedules=use_schedules, schedules=Path(schedules) if schedules is not None else None,
+                      quantization=quantization, group_size=group_size)
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -38,15 +40,17 @@ def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
 def compile_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, out: str | os.PathLike,
                   dtype: str | None = None, max_seq_len: int | None = None,
                   schedules: str | os.PathLike | None = None, use_schedules: bool = True,
+                  quantization: str | None = None, group_size: int | None = None,
                   log: Log = print) -> dict[str, Any]:
     """Build MODEL for TARGET into library directory OUT (atomic); returns the manifest. Kernels come
     from the tuning database SCHEDULES (default: the target's committed ones) unless use_schedules is
-    False; kernels without a record get default schedules."""
+    False; kernels without a record get default schedules. QUANTIZATION (q8, q4, bf16, f16; GROUP_SIZE
+    for q8/q4, default 32): the library's parameters are the packed weights."""
     from .atomic import atomic_dir  # noqa: PLC0415
     from .build.builder import write_library  # noqa: PLC0415
     from .build.library import is_library_dir  # noqa: PLC0415
 
-    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, quantization, group_size)
     with atomic_dir(Path(out), replaceable=is_library_dir) as tmp:
         return write_library(plan, tmp, log=log)
 
@@ -54,14 +58,14 @@ def compile_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, out
 def register_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, dtype: str | None = None,
                    max_seq_len: int | None = None, copy_to: str | os.PathLike | None = None,
                    schedules: str | os.PathLike | None = None, use_schedules: bool = True,
-                   log: Log = print):
+                   quantization: str | None = None, group_size: int | None = None, log: Log = print):
     """Build MODEL for TARGET into the registry unless an identical build is there; optionally copy the
     entry to a library directory COPY_TO (atomic). Returns (the registry.Entry, whether it was built now)."""
     from . import registry  # noqa: PLC0415
     from .atomic import atomic_dir  # noqa: PLC0415
     from .build.library import LIBRARY, MANIFEST, is_library_dir  # noqa: PLC0415
 
-    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules)
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, quantization, group_size)
     store = registry.Registry()
     key, built, lock_fd = store.publish(plan, log=log)
     try:  # the shared lock keeps gc away while we read and copy
@@ -116,7 +120,7 @@ def describe_runnable(what: str | os.PathLike) -> tuple[ModelSpec, Path | None]:
 
 def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLike,
          model: str | os.PathLike | ModelSpec | None = None, target: str = DEFAULT_TARGET, dtype: str | None = None,
-         max_seq_len: int | None = None):
+         max_seq_len: int | None = None, quantization: str | None = None, group_size: int | None = None):
     """Open a verified library with an HF checkpoint's weights: a library DIRECTORY, or the registry's
     entry for MODEL built for TARGET with the same options (held in use until `.close()`). Returns a
     `run.runtime.Decoder` or `Encoder`."""
@@ -126,7 +130,7 @@ def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLi
         raise UserError("load: give either a library directory or model=")
     if directory is not None:
         return runtime.load(directory, weights=weights)
-    plan = _plan(model, target, dtype, max_seq_len)
+    plan = _plan(model, target, dtype, max_seq_len, quantization=quantization, group_size=group_size)
     from . import registry  # noqa: PLC0415 (the build side's store: a deploy bundle has none)
 
     path, fd = registry.Registry().open_for_load(registry.key_of(plan.identity()),

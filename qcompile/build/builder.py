@@ -53,8 +53,11 @@ def export(plan: BuildPlan) -> tuple[Any, list[tuple[str, Any]]]:
 
     A bucket is the bucketed entry point traced again with its dynamic dim fixed (so its kernels get
     static shapes), exported under `<function>_<size>`."""
+    from ..quant import kernels  # noqa: PLC0415
+
     spec = plan.spec
-    module = spec.family.build(spec.config, plan.dtype)
+    with kernels.quantized(plan.quantization):  # the families build packed weights under it
+        module = spec.family.build(spec.config, plan.dtype)
     specs = module.export_spec()
     buckets = plan.buckets
     for size in buckets["sizes"]:
@@ -83,7 +86,8 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
     import tvm  # noqa: PLC0415
 
     spec, start = plan.spec, time.perf_counter()
-    log(f"[1/3] exporting {spec.name} ({spec.family.name}, {plan.dtype}) to Relax")
+    weights = f", {plan.quantization.describe()} weights" if plan.quantization else ""
+    log(f"[1/3] exporting {spec.name} ({spec.family.name}, {plan.dtype}{weights}) to Relax")
     mod, params = export(plan)
     log(f"[2/3] building for {plan.target.name} ({plan.target.arch}); schedules: "
         f"{', '.join(str(d) for d in plan.schedules.directories) if plan.schedules else 'default only'}")
@@ -111,11 +115,13 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
                   "source": spec.source, "config": dataclasses.asdict(spec.config)},
         "target": plan.target.record(),
         "dtype": plan.dtype,
+        "quantization": plan.quantization.as_json() if plan.quantization else None,
         "max_seq_len": plan.max_seq_len,
         "prefill_chunk": plan.prefill_chunk,
         "functions": function_signatures(mod),
         "parameters": parameters,
-        "parameter_count": sum(math.prod(p["shape"]) for p in parameters),
+        "parameter_count": (sum(math.prod(p["shape"]) for p in parameters) if plan.quantization is None
+                            else sum(math.prod(s) for s in spec.family.hf_tensors(spec.config).values())),
         "active_parameter_count": spec.family.active_parameter_count(spec.config),
         "library": {"file": library.LIBRARY, "sha256": library.sha256_file(directory / library.LIBRARY)},
         "versions": versions(),

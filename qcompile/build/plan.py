@@ -15,6 +15,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UserError
+from ..quant import choice, policy, schemes
+from ..quant.choice import Quantization
 from ..run.tvm_runtime import tvm_build_id
 from ..spec.model import ModelSpec
 from ..spec.target import ResolvedTarget, TargetSpec, availability, resolve
@@ -63,6 +65,7 @@ class BuildPlan:
     max_seq_len: int | None  # decoders only
     prefill_chunk: int | None
     schedules: Schedules | None = None  # tuning databases applied (None: default schedules only)
+    quantization: Quantization | None = None  # weight scheme (None: float weights in `dtype`)
 
     @property
     def buckets(self) -> dict[str, Any]:
@@ -84,14 +87,22 @@ class BuildPlan:
                 "toolchain": {"llvm": int(codegen.llvm_version_major()), "cc": c_compiler(),
                               **devicecode.toolchain(self.target)},
                 "buckets": self.buckets,
-                "tuning_database": self.schedules.digest if self.schedules else None}
+                "tuning_database": self.schedules.digest if self.schedules else None,
+                "quantization": self.quantization.as_json() if self.quantization else None}
 
 
 def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
                max_seq_len: int | None = None, schedules: Path | None = None,
-               use_schedules: bool = True) -> BuildPlan:
+               use_schedules: bool = True, quantization: str | None = None,
+               group_size: int | None = None) -> BuildPlan:
     """Check the build options and resolve the target for this machine (UserError on bad input).
-    `schedules`: a tuning database directory (default: the target's committed ones)."""
+    `schedules`: a tuning database directory (default: the target's committed ones); `quantization`,
+    `group_size`: the weight scheme (quant/schemes.py; None: float weights)."""
+    quant = choice.resolve(quantization, group_size)
+    if quant is not None:
+        for name, shape in spec.family.hf_tensors(spec.config).items():
+            if policy.is_quantized(name, shape):
+                schemes.check_group_size(quant.scheme, quant.group_size or 0, name, shape[-1])
     dtype = dtype or target.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -104,13 +115,13 @@ def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
     if not spec.kind.has_sequence:
         if max_seq_len is not None:
             raise UserError(f"--max-seq-len applies to decoders; {spec.name} is an {spec.kind.name}")
-        return BuildPlan(spec, resolved, dtype, None, None, found)
+        return BuildPlan(spec, resolved, dtype, None, None, found, quant)
     context = spec.config.max_position_embeddings
     max_seq_len = context if max_seq_len is None else max_seq_len
     if not 1 <= max_seq_len <= context:
         raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
                         f"got {max_seq_len}")
     return BuildPlan(spec, resolved, dtype, max_seq_len, prefill_chunk=min(target.prefill_chunk, max_seq_len),
-                     schedules=found)
+                     schedules=found, quantization=quant)
 
 

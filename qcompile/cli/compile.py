@@ -31,7 +31,8 @@ def run(args) -> None:
     if args.output is None and not args.register:
         raise UserError("compile: give -o DIR, --register, or both")
     options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=progress(args),
-                   schedules=args.schedules, use_schedules=not args.no_schedules)
+                   schedules=args.schedules, use_schedules=not args.no_schedules,
+                   quantization=args.quantization, group_size=args.group_size)
     if args.register:
         entry, built = api.register_model(args.model, copy_to=args.output, **options)
         manifest = entry.manifest
@@ -41,7 +42,7 @@ def run(args) -> None:
     if args.json:
         return emit_json({"output": str(args.output) if args.output else None,
                           "registry_key": entry.key if args.register else None,
-                          **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
+                          **{k: manifest[k] for k in ("model", "target", "dtype", "quantization", "max_seq_len",
                                                       "parameter_count", "library", "build")}})
     built_note = f"built in {manifest['build']['seconds']} s" if not args.register or built else "reused"
     print(f"{manifest['model']['name']} for {args.target} ({manifest['parameter_count']:,} parameters, "

@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn import Tensor
 
 from .decoder import DecoderConfig
-from .layers import F32, CausalSelfAttention, Embedding, RMSNorm
+from ..quant import kernels as packed
+from .layers import F32, CausalSelfAttention, RMSNorm
 
 
 def attention(cfg: DecoderConfig, window: int | None, dtype: str, *, qkv_bias: bool, o_bias: bool = False,
@@ -39,7 +40,7 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: DecoderConfig, layers: list[DecoderLayer], dtype: str):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embed_tokens = packed.embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -55,7 +56,7 @@ class CausalLM(nn.Module):
         self.cfg, self.dtype = cfg, dtype
         self.model = DecoderModel(cfg, layers, dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = packed.linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def _forward(self, input_ids: Tensor, kv_cache: list[Tensor]):
         x = self.model.embed_tokens(input_ids)  # [n, hidden]
@@ -65,7 +66,7 @@ class CausalLM(nn.Module):
             new_cache += [k, v]
         x = self.model.norm(x)
         if self.cfg.tie_word_embeddings:
-            logits = op.matmul(x, op.permute_dims(self.model.embed_tokens.weight))
+            logits = packed.tied_head(x, self.model.embed_tokens)
         else:
             logits = self.lm_head(x)
         return logits.astype(F32), new_cache

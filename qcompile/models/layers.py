@@ -14,6 +14,8 @@ from tvm import tirx as tir
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from ..quant import kernels as packed
+
 F32 = "float32"
 
 
@@ -54,8 +56,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, ffn: int, dtype: str):
         self.ffn = ffn
-        self.gate_up_proj = nn.Linear(hidden, 2 * ffn, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(ffn, hidden, bias=False, dtype=dtype)
+        self.gate_up_proj = packed.linear(hidden, 2 * ffn, bias=False, dtype=dtype)
+        self.down_proj = packed.linear(ffn, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -157,8 +159,8 @@ class CausalSelfAttention(nn.Module):
                  dtype: str):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rope_theta, self.window = rope_theta, window
-        self.qkv_proj = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype)
+        self.qkv_proj = packed.linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias, dtype=dtype)
+        self.o_proj = packed.linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype)
         self.qk_norm = qk_norm_eps is not None
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
@@ -184,12 +186,14 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(op.reshape(out, (n, h * d))), k, v
 
 
-def gathered_matmul(x: Tensor, weights: Tensor, expert: Tensor) -> Tensor:
+def gathered_matmul(x: Tensor, weights: Tensor | packed.PackedWeight, expert: Tensor) -> Tensor:
     """out[i] = weights[expert[i]] @ x[i]: x [m, k], weights [experts, r, k], expert [m] int32 -> [m, r].
 
     Each row reads only its own expert's matrix, so the cost follows the rows routed, not the number of
-    experts. Products accumulate in float32.
+    experts. Products accumulate in float32. Packed (quantized) experts: `packed.gathered_matmul`.
     """
+    if isinstance(weights, packed.PackedWeight):
+        return packed.gathered_matmul(x, weights, expert)
 
     def compute(x: te.Tensor, w: te.Tensor, expert: te.Tensor):
         m, k = x.shape
@@ -216,12 +220,13 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, norm_topk_prob: bool,
                  dtype: str):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
+        # The router runs in float32 whatever the dtype (a bfloat16 product flips close experts).
+        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=F32)
         self.experts = MoEExperts(hidden, ffn, num_experts, dtype)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [n, hidden] -> (weights [n, k] in x's dtype, experts [n, k] int32), as HF's router."""
-        probs = op.softmax(self.gate(x).astype(F32), axis=-1)  # [n, experts]
+        probs = op.softmax(self.gate(x.astype(F32)), axis=-1)  # [n, experts]
         weights, experts = op.topk(probs, self.top_k, axis=-1, ret_type="both", largest=True, dtype="int32")
         if self.norm_topk_prob:
             weights = weights / op.sum(weights, axis=-1, keepdims=True)
@@ -250,8 +255,8 @@ def order_to_token(order: Tensor, k: int) -> Tensor:
 
 class MoEExperts(nn.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, dtype: str):
-        self.gate_up_proj = nn.Parameter((num_experts, 2 * ffn, hidden), dtype)
-        self.down_proj = nn.Parameter((num_experts, hidden, ffn), dtype)
+        self.gate_up_proj = packed.expert_weight((num_experts, 2 * ffn, hidden), dtype)
+        self.down_proj = packed.expert_weight((num_experts, hidden, ffn), dtype)
 
     def forward(self, rows: Tensor, expert: Tensor) -> Tensor:
         """rows [m, hidden], expert [m] -> SwiGLU of each row through its expert, [m, hidden]."""

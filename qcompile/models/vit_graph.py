@@ -10,6 +10,7 @@ from typing import Any
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from ..quant import kernels as packed
 from .layers import F32
 from .vit import ViTConfig
 
@@ -27,11 +28,11 @@ class EncoderBlock(nn.Module):
         width, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.heads, self.act = cfg.num_attention_heads, cfg.hidden_act
         self.norm1 = nn.LayerNorm(width, eps, dtype=dtype)
-        self.qkv = nn.Linear(width, 3 * width, bias=cfg.qkv_bias, dtype=dtype)
-        self.out = nn.Linear(width, width, bias=True, dtype=dtype)
+        self.qkv = packed.linear(width, 3 * width, bias=cfg.qkv_bias, dtype=dtype)
+        self.out = packed.linear(width, width, bias=True, dtype=dtype)
         self.norm2 = nn.LayerNorm(width, eps, dtype=dtype)
-        self.fc1 = nn.Linear(width, cfg.intermediate_size, bias=True, dtype=dtype)
-        self.fc2 = nn.Linear(cfg.intermediate_size, width, bias=True, dtype=dtype)
+        self.fc1 = packed.linear(width, cfg.intermediate_size, bias=True, dtype=dtype)
+        self.fc2 = packed.linear(cfg.intermediate_size, width, bias=True, dtype=dtype)
 
     def attention(self, x: Tensor) -> Tensor:
         """Multi-head self-attention over all tokens: x [b, t, width] -> [b, t, width]."""
