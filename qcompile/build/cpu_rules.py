@@ -32,6 +32,9 @@ RULE_ATTR = "qcompile.cpu_rule"  # block annotation: which rule scheduled the ke
 GEMV_ROWS = 4  # output rows per register block (4 rows x lanes partial sums live in vector registers)
 GEMM_TILE = (4, 4)  # (input rows, weight rows) per register tile: 16 accumulators of GEMM_LANES lanes
 GEMM_LANES = 8
+# The product block of a packed weight's kernel (quant.kernels.matmul).
+DEQUANTIZE_BLOCK = "dequantize_matmul"
+NIBBLE_AXIS = "nibble"  # its q4 reduction axis over a byte's two nibbles
 # The first block of the two attention products (models.layers.attention_scores / attention_values).
 ATTENTION_BLOCKS = ("attention_scores", "attention_acc")
 
@@ -93,21 +96,27 @@ def _nt_matmul(func: Any, *, rows_per_block: int, weight_rows: int, lanes: int, 
     block = reductions[0]
     loops = sch.get_loops(block)
     extents = [_const(sch.get(loop).extent) for loop in loops]
-    if len(loops) != 3 or None in extents:
+    # A packed weight's product walks K in several reduction loops (quant.kernels.reduce_axes), the
+    # innermost over consecutive bytes; a float one in one loop.
+    packed = sch.get(block).name_hint == DEQUANTIZE_BLOCK
+    if None in extents or (len(loops) != 3 and not (packed and len(loops) > 3)):
         return None
-    n, rows, depth = extents
+    n, rows, depth = extents[0], extents[1], extents[-1]
     if (n == 1) != (rows_per_block == 1) or n % rows_per_block or rows % weight_rows or depth % lanes:
         return None
     if not _reads_rows_along_k(sch, block) or any(not _is_elementwise(sch, b) for b in blocks[1:]):
         return None
-    k_outer, k_lane = sch.split(loops[2], [None, lanes])
+    k_outer, k_lane = sch.split(loops[-1], [None, lanes])
     partial = sch.rfactor(k_lane, factor_axis=2)  # partial[n, N, lanes]: the lanes' running sums
     sch.annotate(partial, RULE_ATTR, rule)
-    i, j, k_outer, k_lane = sch.get_loops(partial)
+    i, j, *k_outer, k_lane = sch.get_loops(partial)
     i_outer, i_inner = sch.split(i, [None, rows_per_block])
     j_outer, j_inner = sch.split(j, [None, weight_rows])
+    # q4: both nibbles of the bytes a tile row loads are used in the tile (one load and widening each).
+    nibbles = [loop for loop in k_outer if sch.get(loop).loop_var.name == NIBBLE_AXIS]
+    k_outer = [loop for loop in k_outer if loop not in nibbles]
     # Threads take weight-row blocks; under one, every input-row block reuses its weights from L1.
-    sch.reorder(j_outer, i_outer, k_outer, i_inner, j_inner, k_lane)
+    sch.reorder(j_outer, i_outer, *k_outer, i_inner, j_inner, *nibbles, k_lane)
     sch.parallel(j_outer)
     sch.set_scope(partial, 0, "local")
     tile = sch.get_loops(partial)[1]  # i_outer: one register tile's results are complete under it
@@ -118,8 +127,8 @@ def _nt_matmul(func: Any, *, rows_per_block: int, weight_rows: int, lanes: int, 
     # The tile's rows and weight rows are independent accumulators: unrolled. The lane loop stays a plain
     # loop that LLVM vectorises (s_tir refuses to vectorise a reduction's update: "no compact dataflow").
     update = sch.get_loops(partial)
-    sch.unroll(update[-2])
-    sch.unroll(update[-3])
+    for loop in update[-3 - len(nibbles):-1]:  # input rows, weight rows (, nibbles)
+        sch.unroll(loop)
     return sch
 
 
@@ -137,12 +146,19 @@ def _is_elementwise(sch: Any, block: Any) -> bool:
 
 
 def _reads_rows_along_k(sch: Any, block: Any) -> bool:
-    """The weight is read W[n, k] (k innermost, contiguous), the input x[0, k]."""
+    """The weight is read W[n, k] (k innermost, contiguous), the input x[0, k]; a packed weight
+    W[n, f(k)] with its innermost reduction variable in f."""
+    from tvm.tirx.analysis import undefined_vars  # noqa: PLC0415
+
     stmt = sch.get(block)
-    n_var, k_var = stmt.iter_vars[1].var, stmt.iter_vars[2].var
+    n_var, k_var = stmt.iter_vars[1].var, stmt.iter_vars[-1].var
     for region in stmt.reads:
         indices = [r.min for r in region.region]
-        if len(indices) == 2 and indices[0].same_as(n_var) and indices[1].same_as(k_var):
+        if len(indices) != 2 or not indices[0].same_as(n_var):
+            continue
+        if indices[1].same_as(k_var):
+            return True
+        if len(stmt.iter_vars) > 3 and any(v.same_as(k_var) for v in undefined_vars(indices[1])):
             return True
     return False
 

@@ -10,10 +10,10 @@ compute whose weight element is `(q - offset) * scale` in float32 (exactly `sche
   tied LM head      the linear product over the embedding's stored tensors
   gathered_matmul   y[i, n] = sum_k x[i, k] * W[expert[i], n, k] (MoE experts [E, r, K])
 
-The reduction is one axis k; a q4 element's byte and nibble come from index arithmetic on k (byte
-(k // g) * g/2 + k % (g/2), high nibble when k % g >= g/2), which TVM's simplifier resolves once the CPU
-rule splits k into lanes inside a half-group, so LLVM sees contiguous byte loads. Products accumulate in
-float32; activations and results are in --dtype.
+The reduction walks K as the layout stores it (`reduce_axes`): (group, element) for q8, (group, nibble,
+byte) for q4, so a group's scale is indexed by an axis (no division per element) and the innermost axis
+reads consecutive bytes (the CPU rules split it into vector lanes). Products accumulate in float32;
+activations and results are in --dtype.
 
 Families build their modules through `linear`, `embedding` and `expert_weight`: under `quantized(q)`
 (entered by the builder while it constructs the model) they return the packed modules below, otherwise
@@ -36,20 +36,55 @@ from .choice import Quantization
 F32 = "float32"
 
 
-def element(q: Quantization, stored: list[te.Tensor], index: tuple, k: tir.PrimExpr) -> tir.PrimExpr:
-    """W[*index, k] as float32 (exactly `schemes.dequantize`), read from the stored tensors
-    [qweight, scales] or [weight]."""
+def reduce_axes(q: Quantization, depth: int) -> list[te.IterVar]:
+    """The reduction over K as the layout walks it, innermost axis contiguous in memory: (k,) for 16-bit
+    weights; (group, element) for q8; (group, nibble, byte) for q4, so the scale index is a group axis
+    (one scale per group, broadcast) and a q4 byte is read at (group, byte) for both its nibbles."""
     s, g = q.scheme, q.group_size
     if not s.grouped:
-        return stored[0][(*index, k)].astype(F32)
-    qweight, scales = stored
-    scale = scales[(*index, tir.floordiv(k, g))].astype(F32)
+        return [te.reduce_axis((0, depth), name="k")]
+    group = te.reduce_axis((0, depth // g), name="group")
     if s.name == "q8":
-        return qweight[(*index, k)].astype(F32) * scale
-    half = g // 2  # q4: byte j of a group holds element j (low nibble) and j + g/2 (high nibble)
-    byte = qweight[(*index, tir.floordiv(k, g) * half + tir.floormod(k, half))].astype("int32")
-    shift = tir.floordiv(tir.floormod(k, g), half) * 4
-    return ((tir.shift_right(byte, shift) & 15) - 8).astype(F32) * scale
+        return [group, te.reduce_axis((0, g), name="element")]
+    return [group, te.reduce_axis((0, 2), name="nibble"), te.reduce_axis((0, g // 2), name="byte")]
+
+
+def k_index(q: Quantization, axes: list) -> tir.PrimExpr:
+    """The input feature k that `reduce_axes` point at."""
+    if len(axes) == 1:
+        return axes[0]
+    if len(axes) == 2:
+        return axes[0] * q.group_size + axes[1]
+    return axes[0] * q.group_size + axes[1] * (q.group_size // 2) + axes[2]
+
+
+def element(q: Quantization, stored: list[te.Tensor], index: tuple, axes: list) -> tir.PrimExpr:
+    """W[*index, k] as float32 (exactly `schemes.dequantize`) at the position `axes` name (as
+    `reduce_axes` splits K), read from the stored tensors [qweight, scales] or [weight]."""
+    s, g = q.scheme, q.group_size
+    if not s.grouped:
+        return stored[0][(*index, axes[0])].astype(F32)
+    qweight, scales = stored
+    scale = scales[(*index, axes[0])].astype(F32)
+    if s.name == "q8":
+        return qweight[(*index, k_index(q, axes))].astype(F32) * scale
+    group, nibble, byte = axes  # q4: byte j of a group holds element j (low nibble) and j + g/2 (high)
+    value = qweight[(*index, group * (g // 2) + byte)].astype("int32")
+    # A select, not a shift by 4 * nibble: the loop variables are int64, and an int64 shift count would
+    # widen every lane to 64 bits.
+    nibble_value = tir.Select(nibble == 0, value & 15, tir.shift_right(value, 4))
+    return (nibble_value - 8).astype(F32) * scale
+
+
+def element_at_k(q: Quantization, stored: list[te.Tensor], index: tuple, k: tir.PrimExpr) -> tir.PrimExpr:
+    """`element` at input feature k (a spatial index: the embedding gather)."""
+    s, g = q.scheme, q.group_size
+    if not s.grouped:
+        return element(q, stored, index, [k])
+    if s.name == "q8":
+        return element(q, stored, index, [tir.floordiv(k, g), tir.floormod(k, g)])
+    within = tir.floormod(k, g)
+    return element(q, stored, index, [tir.floordiv(k, g), tir.floordiv(within, g // 2), tir.floormod(within, g // 2)])
 
 
 _ACTIVE: contextvars.ContextVar[Quantization | None] = contextvars.ContextVar("quantization", default=None)
@@ -102,7 +137,7 @@ class PackedEmbedding(PackedWeight):
         def compute(ids: te.Tensor, *stored: te.Tensor):
             vocab, hidden = self.shape
             row = lambda i: tir.max(tir.min(ids[i], vocab - 1), 0)  # noqa: E731 (in range; clipped as layers.gather)
-            return te.compute((ids.shape[0], hidden), lambda i, k: element(q, list(stored), (row(i),), k)
+            return te.compute((ids.shape[0], hidden), lambda i, k: element_at_k(q, list(stored), (row(i),), k)
                               .astype(dtype), name="dequantize_take")
 
         return op.tensor_expr_op(compute, "dequantize_take", [ids, *self.stored()])
@@ -118,9 +153,9 @@ def matmul(x: Tensor, weight: PackedWeight, bias: Tensor | None = None) -> Tenso
         stored, b = (tensors[:-1], tensors[-1]) if bias is not None else (tensors, None)
         m, depth = x.shape
         n = weight.shape[0]
-        r = te.reduce_axis((0, depth), name="k")
+        r = reduce_axes(q, int(depth))
         acc = te.compute((m, n), lambda i, j: te.sum(
-            x[i, r].astype(F32) * element(q, list(stored), (j,), r), axis=r), name="dequantize_matmul")
+            x[i, k_index(q, r)].astype(F32) * element(q, list(stored), (j,), r), axis=r), name="dequantize_matmul")
         if b is None:
             return te.compute((m, n), lambda i, j: acc[i, j].astype(x.dtype), name="dequantize_matmul_out")
         return te.compute((m, n), lambda i, j: (acc[i, j] + b[j].astype(F32)).astype(x.dtype),
@@ -139,10 +174,10 @@ def gathered_matmul(x: Tensor, weight: PackedWeight, expert: Tensor) -> Tensor:
     def compute(x: te.Tensor, expert: te.Tensor, *stored: te.Tensor):
         m, k = x.shape
         r = weight.shape[1]
-        reduce = te.reduce_axis((0, k), name="k")
+        reduce = reduce_axes(q, int(k))
         acc = te.compute((m, r), lambda i, j: te.sum(
-            x[i, reduce].astype(F32) * element(q, list(stored), (expert[i], j), reduce), axis=reduce),
-            name="acc")
+            x[i, k_index(q, reduce)].astype(F32) * element(q, list(stored), (expert[i], j), reduce),
+            axis=reduce), name="acc")
         return te.compute((m, r), lambda i, j: acc[i, j].astype(x.dtype), name="gathered_matmul")
 
     return op.tensor_expr_op(compute, "gathered_matmul", [x, expert, *weight.stored()])
