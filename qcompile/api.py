@@ -292,16 +292,18 @@ def check(models: list[str], targets: list[str], *, workdir: str | os.PathLike, 
 def bench(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, vs: tuple[str, ...] = (),
           llama_quant: tuple[str, ...] = (), prompt_len: int = 128, decode_tokens: int = 32, repeats: int = 5,
           workdir: str | os.PathLike = "build/bench", skip: tuple[str, ...] = (), profile: bool = False,
-          log: Log = print):
+          quantization: str | None = None, log: Log = print):
     """Speed side by side on this machine (see `measure.bench`). `vs`: also "torch" (transformers eager,
     torch.compile) and/or "llama.cpp" (llama-bench on a float32 GGUF of the same weights, plus the
-    `llama_quant` types, e.g. ("q8_0", "q4_0")). Returns (report, table header, rows, profile tables:
+    `llama_quant` types, e.g. ("q8_0", "q4_0")); `quantization`: the qcompile libraries' weight scheme (with
+    llama.cpp, q8 adds Q8_0 and q4 adds Q4_0). Returns (report, table header, rows, profile tables:
     [(title, header, rows)] per profiled call when `profile`)."""
     from .measure import bench as benchmark  # noqa: PLC0415
 
     report = benchmark.bench(os.fspath(model), target=target, vs=tuple(vs), llama_quant=tuple(llama_quant),
                              prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
-                             workdir=Path(workdir), skip=skip, profile=profile, log=log)
+                             workdir=Path(workdir), skip=skip, profile=profile, quantization=quantization,
+                             log=log)
     return report, *benchmark.table(report), benchmark.profile_rows(report)
 
 
