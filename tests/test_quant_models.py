@@ -216,3 +216,14 @@ def test_bfloat16_moe_meets_its_tier(tmp_path):
 
     row = crosscheck.check_pair("qwen3-moe-debug", "cpu", dtype="bfloat16", workdir=tmp_path, log=lambda _m: None)
     assert row["failed"] == [], row
+
+
+def test_cli_bad_scheme_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qcompile", "compile", "qwen2-debug", "--quantization", "q5",
+                           "-o", str(tmp_path / "lib")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "--quantization must be one of q8, q4, bf16, f16, got 'q5'" in done.stderr
+    assert not (tmp_path / "lib").exists()
