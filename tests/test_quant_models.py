@@ -227,3 +227,28 @@ def test_cli_bad_scheme_is_one_line_exit_2(tmp_path):
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "--quantization must be one of q8, q4, bf16, f16, got 'q5'" in done.stderr
     assert not (tmp_path / "lib").exists()
+
+
+def test_gpu_q8_products_get_dlights_gemv_and_matmul():
+    """On GPU a q8 product is a dequantize stage + one-axis reduction: dlight's GEMV takes decode, its Matmul
+    prefill (the stage inlined into shared-memory tiles: no buffer the size of a weight)."""
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    from qcompile.build import builder, lowering
+    from qcompile.build.plan import plan_build
+    from qcompile.spec.model import resolve_model
+    from qcompile.spec.target import load_target
+
+    plan = plan_build(resolve_model("qwen2-debug"), load_target("cuda-sm90"), quantization="q8")
+    mod = lowering.fused(builder.export(plan)[0], plan.target.tvm)
+    taken = {}
+    with plan.target.tvm:
+        for gv, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc) and "dequantize_matmul" in gv.name_hint:
+                func = func.with_attr("dlight.do_not_tensorize", True)
+                rule = next((r for r in (dl.gpu.Matmul(), dl.gpu.GEMV())
+                             if r.apply(func, plan.target.tvm, False) is not None), None)
+                assert rule is not None, gv.name_hint
+                taken[type(rule).__name__] = taken.get(type(rule).__name__, 0) + 1
+    assert set(taken) == {"GEMV", "Matmul"}, taken  # every product is taken; decode's by GEMV

@@ -56,7 +56,8 @@ def export(plan: BuildPlan) -> tuple[Any, list[tuple[str, Any]]]:
     from ..quant import kernels  # noqa: PLC0415
 
     spec = plan.spec
-    with kernels.quantized(plan.quantization):  # the families build packed weights under it
+    # the families build packed weights under it (GPU: in the form dlight's rules recognise)
+    with kernels.quantized(plan.quantization, dequantize_stage=plan.target.device != "cpu"):
         module = spec.family.build(spec.config, plan.dtype)
     specs = module.export_spec()
     buckets = plan.buckets

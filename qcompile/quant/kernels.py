@@ -87,13 +87,20 @@ def element_at_k(q: Quantization, stored: list[te.Tensor], index: tuple, k: tir.
     return element(q, stored, index, [tir.floordiv(k, g), tir.floordiv(within, g // 2), tir.floormod(within, g // 2)])
 
 
-_ACTIVE: contextvars.ContextVar[Quantization | None] = contextvars.ContextVar("quantization", default=None)
+_ACTIVE: contextvars.ContextVar[tuple[Quantization, bool] | None] = contextvars.ContextVar(
+    "quantization", default=None)
 
 
 @contextlib.contextmanager
-def quantized(quantization: Quantization | None) -> Iterator[None]:
-    """Modules built inside hold their weights as `quantization` stores them (None: float)."""
-    token = _ACTIVE.set(quantization)
+def quantized(quantization: Quantization | None, *, dequantize_stage: bool = False) -> Iterator[None]:
+    """Modules built inside hold their weights as `quantization` stores them (None: float).
+
+    `dequantize_stage` (GPU builds): a linear product is written as a dequantize stage W[n, k] feeding a
+    one-axis reduction, the shape dlight's Matmul rule recognises; it inlines the stage into the tile
+    loads, so the dequantized weight never exists as a whole. The CPU rules want the fused form, and so
+    does q4 on GPU (TVM 0.27's Matmul rule emits CUDA that nvcc rejects for its nibble index; the fused
+    form gets dlight's GeneralReduction)."""
+    token = _ACTIVE.set(None if quantization is None else (quantization, dequantize_stage))
     try:
         yield
     finally:
@@ -104,8 +111,8 @@ class PackedWeight(nn.Module):
     """One weight [..., N, K] as its scheme stores it: parameters `qweight`, `scales` (q8, q4) or
     `weight` (bf16, f16)."""
 
-    def __init__(self, shape: tuple[int, ...], quantization: Quantization):
-        self.quantization, self.shape = quantization, tuple(shape)
+    def __init__(self, shape: tuple[int, ...], quantization: Quantization, dequantize_stage: bool = False):
+        self.quantization, self.shape, self.dequantize_stage = quantization, tuple(shape), dequantize_stage
         for suffix, (stored_shape, dtype) in quantization.stored_shapes(self.shape).items():
             setattr(self, suffix, nn.Parameter(stored_shape, dtype))
 
@@ -116,8 +123,9 @@ class PackedWeight(nn.Module):
 class PackedLinear(PackedWeight):
     """nn.Linear over a packed weight [out, in]: x [..., in] -> [..., out] in x's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, quantization: Quantization):
-        super().__init__((out_features, in_features), quantization)
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, quantization: Quantization,
+                 dequantize_stage: bool = False):
+        super().__init__((out_features, in_features), quantization, dequantize_stage)
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,8 +135,9 @@ class PackedLinear(PackedWeight):
 class PackedEmbedding(PackedWeight):
     """Token embedding over a packed weight [vocab, hidden]: ids [n] -> [n, hidden] in `dtype`."""
 
-    def __init__(self, vocab: int, hidden: int, dtype: str, quantization: Quantization):
-        super().__init__((vocab, hidden), quantization)
+    def __init__(self, vocab: int, hidden: int, dtype: str, quantization: Quantization,
+                 dequantize_stage: bool = False):
+        super().__init__((vocab, hidden), quantization, dequantize_stage)  # the stage: a tied LM head's
         self.dtype = dtype
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -153,9 +162,16 @@ def matmul(x: Tensor, weight: PackedWeight, bias: Tensor | None = None) -> Tenso
         stored, b = (tensors[:-1], tensors[-1]) if bias is not None else (tensors, None)
         m, depth = x.shape
         n = weight.shape[0]
-        r = reduce_axes(q, int(depth))
-        acc = te.compute((m, n), lambda i, j: te.sum(
-            x[i, k_index(q, r)].astype(F32) * element(q, list(stored), (j,), r), axis=r), name="dequantize_matmul")
+        if weight.dequantize_stage and q.scheme.name != "q4":  # q4's nibble index: see `quantized`
+            w = te.compute((n, depth), lambda j, k: element_at_k(q, list(stored), (j,), k), name="dequantize")
+            r = te.reduce_axis((0, depth), name="k")
+            acc = te.compute((m, n), lambda i, j: te.sum(x[i, r].astype(F32) * w[j, r], axis=r),
+                             name="dequantize_matmul")
+        else:
+            r = reduce_axes(q, int(depth))
+            acc = te.compute((m, n), lambda i, j: te.sum(
+                x[i, k_index(q, r)].astype(F32) * element(q, list(stored), (j,), r), axis=r),
+                name="dequantize_matmul")
         if b is None:
             return te.compute((m, n), lambda i, j: acc[i, j].astype(x.dtype), name="dequantize_matmul_out")
         return te.compute((m, n), lambda i, j: (acc[i, j] + b[j].astype(F32)).astype(x.dtype),
@@ -186,23 +202,24 @@ def gathered_matmul(x: Tensor, weight: PackedWeight, expert: Tensor) -> Tensor:
 # --- the hooks the families build through --------------------------------------------------------------
 
 def active() -> Quantization | None:
-    return _ACTIVE.get()
+    found = _ACTIVE.get()
+    return None if found is None else found[0]
 
 
 def linear(in_features: int, out_features: int, *, bias: bool, dtype: str) -> nn.Module:
     """nn.Linear, or its packed form under `quantized`."""
-    q = active()
-    if q is None:
+    found = _ACTIVE.get()
+    if found is None:
         return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    return PackedLinear(in_features, out_features, bias, dtype, q)
+    return PackedLinear(in_features, out_features, bias, dtype, *found)
 
 
 def embedding(vocab: int, hidden: int, dtype: str) -> nn.Module:
     """layers.Embedding, or its packed form under `quantized`."""
     from ..models.layers import Embedding  # noqa: PLC0415
 
-    q = active()
-    return Embedding(vocab, hidden, dtype) if q is None else PackedEmbedding(vocab, hidden, dtype, q)
+    found = _ACTIVE.get()
+    return Embedding(vocab, hidden, dtype) if found is None else PackedEmbedding(vocab, hidden, dtype, *found)
 
 
 def expert_weight(shape: tuple[int, ...], dtype: str) -> nn.Parameter | PackedWeight:
