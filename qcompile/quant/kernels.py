@@ -2,8 +2,9 @@
 kernels that read it, dequantizing while reading (never a dequantized copy of a weight in memory).
 
 A weight W [..., N, K] (schemes.py) is held as library parameters `<prefix>.qweight` + `<prefix>.scales`
-(q8, q4) or `<prefix>.weight` in bfloat16/float16 (bf16, f16). Each product that consumes it is ONE TE
-compute whose weight element is `(q - offset) * scale` in float32 (exactly `schemes.dequantize`):
+(q8, q4) or `<prefix>.weight` in bfloat16/float16 (bf16, f16). Each product that consumes it is ONE kernel
+whose weight element is `(q - offset) * scale` in float32 (exactly `schemes.dequantize`), computed where
+the product reads it (on GPU, q8/16-bit: a dequantize stage dlight inlines; see `quantized`):
 
   linear            y[i, n] = sum_k x[i, k] * W[n, k]          (+ bias; decode GEMV, prefill GEMM)
   embedding         y[i, k] = W[clip(ids[i]), k]               (the gathered rows, dequantized)
