@@ -22,7 +22,7 @@ Log = Callable[[str], None]
 
 def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
           schedules: str | os.PathLike | None = None, use_schedules: bool = True, tensor_parallel: int = 1,
-          pipeline_stages: int = 1):
+          pipeline_stages: int = 1, quantization: str | None = None, group_size: int | None = None):
     try:
         from .build.plan import plan_build  # noqa: PLC0415
     except ModuleNotFoundError as e:  # a deploy bundle ships the runtime part alone
@@ -32,7 +32,8 @@ def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
                         "give a library directory, not a MODEL") from None
     return plan_build(resolve_model(model), load_target(target), dtype=dtype, max_seq_len=max_seq_len,
                       use_schedules=use_schedules, schedules=Path(schedules) if schedules is not None else None,
-                      tensor_parallel=tensor_parallel, pipeline_stages=pipeline_stages)
+                      tensor_parallel=tensor_parallel, pipeline_stages=pipeline_stages,
+                      quantization=quantization, group_size=group_size)
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -40,17 +41,21 @@ def _plan(model, target: str, dtype: str | None, max_seq_len: int | None,
 def compile_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, out: str | os.PathLike,
                   dtype: str | None = None, max_seq_len: int | None = None,
                   schedules: str | os.PathLike | None = None, use_schedules: bool = True,
-                  tensor_parallel: int = 1, pipeline_stages: int = 1, log: Log = print) -> dict[str, Any]:
+                  tensor_parallel: int = 1, pipeline_stages: int = 1, quantization: str | None = None,
+                  group_size: int | None = None, log: Log = print) -> dict[str, Any]:
     """Build MODEL for TARGET into library directory OUT (atomic); returns the manifest. Kernels come
     from the tuning database SCHEDULES (default: the target's committed ones) unless use_schedules is
     False; kernels without a record get default schedules. TENSOR_PARALLEL > 1: the library is one
     shard of that many, split by the family's plan; PIPELINE_STAGES > 1: the layers cut into that many
-    stages (balanced by bytes), each its own shared object. `load` runs shards x stages as Disco workers."""
+    stages (balanced by bytes), each its own shared object. `load` runs shards x stages as Disco workers.
+    QUANTIZATION (q8, q4, bf16, f16; GROUP_SIZE for q8/q4, default 32): the library's parameters are the
+    packed weights."""
     from .atomic import atomic_dir  # noqa: PLC0415
     from .build.builder import write_library  # noqa: PLC0415
     from .build.library import is_library_dir  # noqa: PLC0415
 
-    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, tensor_parallel, pipeline_stages)
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, tensor_parallel, pipeline_stages,
+                 quantization, group_size)
     with atomic_dir(Path(out), replaceable=is_library_dir) as tmp:
         return write_library(plan, tmp, log=log)
 
@@ -58,14 +63,16 @@ def compile_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, out
 def register_model(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, dtype: str | None = None,
                    max_seq_len: int | None = None, copy_to: str | os.PathLike | None = None,
                    schedules: str | os.PathLike | None = None, use_schedules: bool = True,
-                   tensor_parallel: int = 1, pipeline_stages: int = 1, log: Log = print):
+                   tensor_parallel: int = 1, pipeline_stages: int = 1, quantization: str | None = None,
+                   group_size: int | None = None, log: Log = print):
     """Build MODEL for TARGET into the registry unless an identical build is there; optionally copy the
     entry to a library directory COPY_TO (atomic). Returns (the registry.Entry, whether it was built now)."""
     from . import registry  # noqa: PLC0415
     from .atomic import atomic_dir  # noqa: PLC0415
     from .build.library import LIBRARY, MANIFEST, is_library_dir  # noqa: PLC0415
 
-    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, tensor_parallel, pipeline_stages)
+    plan = _plan(model, target, dtype, max_seq_len, schedules, use_schedules, tensor_parallel, pipeline_stages,
+                 quantization, group_size)
     if plan.stages:
         raise UserError("--register: a pipelined library (several shared objects) is not kept in the registry "
                         "yet; use -o DIR")
@@ -141,7 +148,7 @@ def describe_runnable(what: str | os.PathLike) -> tuple[ModelSpec, Path | None]:
 
 def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLike,
          model: str | os.PathLike | ModelSpec | None = None, target: str = DEFAULT_TARGET, dtype: str | None = None,
-         max_seq_len: int | None = None):
+         max_seq_len: int | None = None, quantization: str | None = None, group_size: int | None = None):
     """Open a verified library with an HF checkpoint's weights: a library DIRECTORY, or the registry's
     entry for MODEL built for TARGET with the same options (held in use until `.close()`). Returns a
     `run.runtime.Decoder` or `Encoder`."""
@@ -151,7 +158,7 @@ def load(directory: str | os.PathLike | None = None, *, weights: str | os.PathLi
         raise UserError("load: give either a library directory or model=")
     if directory is not None:
         return runtime.load(directory, weights=weights)
-    plan = _plan(model, target, dtype, max_seq_len)
+    plan = _plan(model, target, dtype, max_seq_len, quantization=quantization, group_size=group_size)
     from . import registry  # noqa: PLC0415 (the build side's store: a deploy bundle has none)
 
     path, fd = registry.Registry().open_for_load(registry.key_of(plan.identity()),
@@ -353,16 +360,18 @@ def check(models: list[str], targets: list[str], *, workdir: str | os.PathLike, 
 def bench(model: str | os.PathLike, *, target: str = DEFAULT_TARGET, vs: tuple[str, ...] = (),
           llama_quant: tuple[str, ...] = (), prompt_len: int = 128, decode_tokens: int = 32, repeats: int = 5,
           workdir: str | os.PathLike = "build/bench", skip: tuple[str, ...] = (), profile: bool = False,
-          log: Log = print):
+          quantization: str | None = None, log: Log = print):
     """Speed side by side on this machine (see `measure.bench`). `vs`: also "torch" (transformers eager,
     torch.compile) and/or "llama.cpp" (llama-bench on a float32 GGUF of the same weights, plus the
-    `llama_quant` types, e.g. ("q8_0", "q4_0")). Returns (report, table header, rows, profile tables:
+    `llama_quant` types, e.g. ("q8_0", "q4_0")); `quantization`: the qcompile libraries' weight scheme (with
+    llama.cpp, q8 adds Q8_0 and q4 adds Q4_0). Returns (report, table header, rows, profile tables:
     [(title, header, rows)] per profiled call when `profile`)."""
     from .measure import bench as benchmark  # noqa: PLC0415
 
     report = benchmark.bench(os.fspath(model), target=target, vs=tuple(vs), llama_quant=tuple(llama_quant),
                              prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
-                             workdir=Path(workdir), skip=skip, profile=profile, log=log)
+                             workdir=Path(workdir), skip=skip, profile=profile, quantization=quantization,
+                             log=log)
     return report, *benchmark.table(report), benchmark.profile_rows(report)
 
 

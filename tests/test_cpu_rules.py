@@ -59,11 +59,11 @@ def test_rules_decline_other_shapes(n, rows, depth):
     assert cpu_rules.default_schedule(_decode_projection(rows, depth, n), HOST) is None
 
 
-def _packed_projection(lead: tuple, rows: int, depth: int, epilogue: bool):
+def _rows16_projection(lead: tuple, rows: int, depth: int, epilogue: bool):
     """y[..., rows] = x[..., depth] . W^T (+ b) with W packed rows16: the kernel float32 CPU builds get."""
     from tvm.relax.frontend import nn
 
-    from qcompile.models.packing import packed_matmul
+    from qcompile.models.packing import rows16_matmul
 
     class Projection(nn.Module):
         def __init__(self):
@@ -71,7 +71,7 @@ def _packed_projection(lead: tuple, rows: int, depth: int, epilogue: bool):
             self.b = nn.Parameter((rows,), "float32")
 
         def forward(self, x):
-            y = packed_matmul(x, self.w)
+            y = rows16_matmul(x, self.w)
             return y + self.b if epilogue else y
 
     spec = {"forward": {"x": nn.spec.Tensor([*lead, depth], "float32"), "$": {"param_mode": "packed",
@@ -80,21 +80,21 @@ def _packed_projection(lead: tuple, rows: int, depth: int, epilogue: bool):
     from qcompile.build import lowering
 
     fused = lowering.fused(mod, HOST)
-    func = next(f for gv, f in fused.functions_items() if "packed_matmul" in gv.name_hint)
+    func = next(f for gv, f in fused.functions_items() if "rows16_matmul" in gv.name_hint)
     return func.with_attr("global_symbol", "main")
 
 
 @pytest.mark.parametrize("lead,rows,depth,epilogue", [((1,), 1152, 896, True), ((7,), 64, 96, True),
                                                       ((128,), 96, 64, False), ((3, 5), 32, 48, True),
                                                       (("n",), 64, 32, True)])
-def test_packed_rule_computes_the_same_numbers(lead, rows, depth, epilogue):
+def test_rows16_rule_computes_the_same_numbers(lead, rows, depth, epilogue):
     """One row (decode), rows no tile divides (a tail tile), many rows, a batch axis (ViT), and a
     symbolic row count (a prefill chunk outside the buckets)."""
     from qcompile.run import layouts
 
-    func = _packed_projection(lead, rows, depth, epilogue)
+    func = _rows16_projection(lead, rows, depth, epilogue)
     found = cpu_rules.default_schedule(func, HOST)
-    assert found is not None and found[0] == "packed"
+    assert found is not None and found[0] == "rows16"
     run = tvm.compile(found[1].mod, target=HOST).jit()["main"]
     rng = np.random.default_rng(0)
     shape = tuple(5 if d == "n" else d for d in lead)
@@ -123,7 +123,7 @@ def test_untuned_build_schedules_decode_projections_with_the_rule(tmp_path, debu
     manifest = qcompile.compile_model("qwen2-debug", out=tmp_path / "lib", max_seq_len=32, use_schedules=False,
                                       log=lambda _m: None)
     rules = manifest["cpu_rules"]
-    assert set(rules.values()) == {"packed", "attention"}  # every qwen2-debug weight's rows: 16 divides
+    assert set(rules.values()) == {"rows16", "attention"}  # every qwen2-debug weight's rows: 16 divides
     assert all(("matmul" in name) == (rule != "attention") for name, rule in rules.items())
     saved = json.loads((tmp_path / "lib" / "manifest.json").read_text())["cpu_rules"]
     assert saved == rules

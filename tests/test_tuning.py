@@ -26,7 +26,7 @@ from qcompile.spec.model import resolve_model
 from tests.conftest import CPU_TOLERANCE, max_rel_diff
 
 MODEL = "qwen2-debug"
-KERNELS = "fused_packed_matmul*"  # the projections (+ bias/residual epilogues)
+KERNELS = "fused_rows16_matmul*"  # the projections (+ bias/residual epilogues)
 TRIALS = 3
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import devicecode, library, lowering, memory
+from ..quant import kernels
 from ..atomic import write_json
 from ..parallel import stages
 from ..parallel.stages import Stage, stage_parameter_name
@@ -56,8 +57,12 @@ def export(plan: BuildPlan, stage: Stage | None = None) -> tuple[Any, list[tuple
 
     A bucket is the bucketed entry point traced again with its dynamic dim fixed (so its kernels get
     static shapes), exported under `<function>_<size>`."""
+    from ..quant import kernels  # noqa: PLC0415
+
     spec = plan.spec
-    module = spec.family.build(plan.model_config, plan.dtype)
+    # the families build packed weights under it (GPU: in the form dlight's rules recognise)
+    with kernels.quantized(plan.quantization, dequantize_stage=plan.target.device != "cpu"):
+        module = spec.family.build(plan.model_config, plan.dtype)
     if plan.parallel:
         module.shard(plan.parallel.shards)  # an all-reduce after each row-parallel projection
     if stage is not None:
@@ -65,7 +70,7 @@ def export(plan: BuildPlan, stage: Stage | None = None) -> tuple[Any, list[tuple
     if plan.packed_weights:
         from ..models.packing import pack_weights  # noqa: PLC0415
 
-        pack_weights(module)
+        pack_weights(module)  # float linear weights (not quantized ones) stored rows16
     specs = module.export_spec(plan.max_seq_len) if spec.kind.has_sequence else module.export_spec()
     buckets = plan.buckets
     for size in buckets["sizes"]:
@@ -113,7 +118,8 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
     for stage in plan.stages or [None]:  # one shared object per pipeline stage (stage 0's is model.so)
         file = library.LIBRARY if stage is None or stage.is_first else f"model.stage{stage.index}.so"
         part = "" if stage is None else f" stage {stage.index} (layers {stage.first_layer}..{stage.end_layer - 1})"
-        log(f"[1/3] exporting {spec.name}{part} ({spec.family.name}, {plan.dtype}) to Relax")
+        weights = f", {plan.quantization.describe()} weights" if plan.quantization else ""
+        log(f"[1/3] exporting {spec.name}{part} ({spec.family.name}, {plan.dtype}{weights}) to Relax")
         mod, params = export(plan, stage)
         log(f"[2/3] building for {plan.target.name} ({plan.target.arch}); schedules: "
             f"{', '.join(str(d) for d in plan.schedules.directories) if plan.schedules else 'default only'}")
@@ -147,12 +153,16 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
                   "source": spec.source, "config": dataclasses.asdict(spec.config)},
         "target": plan.target.record(),
         "dtype": plan.dtype,
+        "quantization": plan.quantization.as_json() if plan.quantization else None,
         "max_seq_len": plan.max_seq_len,
         "prefill_chunk": plan.prefill_chunk,
         "functions": functions,  # stage 0's when pipelined (each stage's: `pipeline`)
         "parameters": parameters,
-        # (one shard's when split; a tied embedding two stages hold counted once)
-        "parameter_count": sum(math.prod(p["shape"]) for p in {p["name"]: p for p in parameters}.values()),
+        # (one shard's when split; a tied embedding two stages hold counted once; quantized: the float
+        # model's, the packed tensors being storage of those)
+        "parameter_count": (sum(math.prod(p["shape"]) for p in {p["name"]: p for p in parameters}.values())
+                            if plan.quantization is None
+                            else sum(math.prod(s) for s in spec.family.hf_tensors(spec.config).values())),
         "active_parameter_count": spec.family.active_parameter_count(spec.config),
         "library": {"file": library.LIBRARY, "sha256": library.sha256_file(directory / library.LIBRARY)},
         "versions": versions(),

@@ -17,9 +17,9 @@ Rules (each returns None when the kernel is not of its class):
          weight-row blocks, and each block's weights stay in L1 while every input-row block passes.
          (Measured on a 128x896 . 4864x896 product, one thread: 90 GFLOP/s with tile 4x4 and 8 lanes;
          16 lanes, or tiles of 2x8, 8x4, 4x8, ran at 42-68.)
-  packed  y[..., N] = x[..., K] . W^T with W stored `rows16` ([N/16, K, 16], `run.layouts`; the
-         `packed_matmul` kernels of float32 CPU builds), any number of rows, static or symbolic:
-         register tiles of PACKED_TILE_ROWS input rows x `vectors` runs of 16 output features; per
+  rows16  y[..., N] = x[..., K] . W^T with W stored `rows16` ([N/16, K, 16], `run.layouts`; the
+         `rows16_matmul` kernels of float32 CPU builds), any number of rows, static or symbolic:
+         register tiles of ROWS16_TILE_ROWS input rows x `vectors` runs of 16 output features; per
          input feature, the tile's weights are `vectors` contiguous 16-wide loads and every row adds
          x[row, k] (broadcast) times them: no horizontal sums, no strided loads. Threads take output
          blocks; the block's weights ([K, 16 x vectors], ~100 KB) stay in L2 while the rows pass.
@@ -43,7 +43,10 @@ RULE_ATTR = "qcompile.cpu_rule"  # block annotation: which rule scheduled the ke
 GEMV_ROWS = 4  # output rows per register block (4 rows x lanes partial sums live in vector registers)
 GEMM_TILE = (4, 4)  # (input rows, weight rows) per register tile: 16 accumulators of GEMM_LANES lanes
 GEMM_LANES = 8
-PACKED_TILE_ROWS = 6  # input rows per register tile of the packed rule (x `vectors` 16-wide accumulators)
+ROWS16_TILE_ROWS = 6  # input rows per register tile of the packed rule (x `vectors` 16-wide accumulators)
+# The product block of a packed weight's kernel (quant.kernels.matmul).
+DEQUANTIZE_BLOCK = "dequantize_matmul"
+NIBBLE_AXIS = "nibble"  # its q4 reduction axis over a byte's two nibbles
 # The first block of the two attention products (models.layers.attention_scores / attention_values).
 ATTENTION_BLOCKS = ("attention_scores", "attention_acc")
 ATTENTION_PROBS_BLOCK = "attention_probs_max"  # the first block of models.layers.attention_probs
@@ -106,21 +109,27 @@ def _nt_matmul(func: Any, *, rows_per_block: int, weight_rows: int, lanes: int, 
     block = reductions[0]
     loops = sch.get_loops(block)
     extents = [_const(sch.get(loop).extent) for loop in loops]
-    if len(loops) != 3 or None in extents:
+    # A packed weight's product walks K in several reduction loops (quant.kernels.reduce_axes), the
+    # innermost over consecutive bytes; a float one in one loop.
+    packed = sch.get(block).name_hint == DEQUANTIZE_BLOCK
+    if None in extents or (len(loops) != 3 and not (packed and len(loops) > 3)):
         return None
-    n, rows, depth = extents
+    n, rows, depth = extents[0], extents[1], extents[-1]
     if (n == 1) != (rows_per_block == 1) or n % rows_per_block or rows % weight_rows or depth % lanes:
         return None
     if not _reads_rows_along_k(sch, block) or any(not _is_elementwise(sch, b) for b in blocks[1:]):
         return None
-    k_outer, k_lane = sch.split(loops[2], [None, lanes])
+    k_outer, k_lane = sch.split(loops[-1], [None, lanes])
     partial = sch.rfactor(k_lane, factor_axis=2)  # partial[n, N, lanes]: the lanes' running sums
     sch.annotate(partial, RULE_ATTR, rule)
-    i, j, k_outer, k_lane = sch.get_loops(partial)
+    i, j, *k_outer, k_lane = sch.get_loops(partial)
     i_outer, i_inner = sch.split(i, [None, rows_per_block])
     j_outer, j_inner = sch.split(j, [None, weight_rows])
+    # q4: both nibbles of the bytes a tile row loads are used in the tile (one load and widening each).
+    nibbles = [loop for loop in k_outer if sch.get(loop).loop_var.name == NIBBLE_AXIS]
+    k_outer = [loop for loop in k_outer if loop not in nibbles]
     # Threads take weight-row blocks; under one, every input-row block reuses its weights from L1.
-    sch.reorder(j_outer, i_outer, k_outer, i_inner, j_inner, k_lane)
+    sch.reorder(j_outer, i_outer, *k_outer, i_inner, j_inner, *nibbles, k_lane)
     sch.parallel(j_outer)
     sch.set_scope(partial, 0, "local")
     tile = sch.get_loops(partial)[1]  # i_outer: one register tile's results are complete under it
@@ -131,8 +140,8 @@ def _nt_matmul(func: Any, *, rows_per_block: int, weight_rows: int, lanes: int, 
     # The tile's rows and weight rows are independent accumulators: unrolled. The lane loop stays a plain
     # loop that LLVM vectorises (s_tir refuses to vectorise a reduction's update: "no compact dataflow").
     update = sch.get_loops(partial)
-    sch.unroll(update[-2])
-    sch.unroll(update[-3])
+    for loop in update[-3 - len(nibbles):-1]:  # input rows, weight rows (, nibbles)
+        sch.unroll(loop)
     return sch
 
 
@@ -150,12 +159,19 @@ def _is_elementwise(sch: Any, block: Any) -> bool:
 
 
 def _reads_rows_along_k(sch: Any, block: Any) -> bool:
-    """The weight is read W[n, k] (k innermost, contiguous), the input x[0, k]."""
+    """The weight is read W[n, k] (k innermost, contiguous), the input x[0, k]; a packed weight
+    W[n, f(k)] with its innermost reduction variable in f."""
+    from tvm.tirx.analysis import undefined_vars  # noqa: PLC0415
+
     stmt = sch.get(block)
-    n_var, k_var = stmt.iter_vars[1].var, stmt.iter_vars[2].var
+    n_var, k_var = stmt.iter_vars[1].var, stmt.iter_vars[-1].var
     for region in stmt.reads:
         indices = [r.min for r in region.region]
-        if len(indices) == 2 and indices[0].same_as(n_var) and indices[1].same_as(k_var):
+        if len(indices) != 2 or not indices[0].same_as(n_var):
+            continue
+        if indices[1].same_as(k_var):
+            return True
+        if len(stmt.iter_vars) > 3 and any(v.same_as(k_var) for v in undefined_vars(indices[1])):
             return True
     return False
 
@@ -215,8 +231,8 @@ def attention(func: Any, target: Any) -> Any | None:
     return sch
 
 
-def packed(func: Any, target: Any) -> Any | None:
-    """The packed-weight matrix-product schedule described above, or None."""
+def rows16(func: Any, target: Any) -> Any | None:
+    """The rows16 matrix-product schedule described above, or None."""
     from tvm import s_tir  # noqa: PLC0415
 
     from ..run.layouts import PACK_LANES  # noqa: PLC0415
@@ -226,7 +242,7 @@ def packed(func: Any, target: Any) -> Any | None:
         blocks = _blocks(sch)
     except Exception:  # noqa: BLE001 (no root block: not a kernel written as blocks)
         return None
-    if sch.get(blocks[0]).name_hint != "packed_matmul":
+    if sch.get(blocks[0]).name_hint != "rows16_matmul":
         return None
     block = blocks[0]
     *batch, rows, column, depth = sch.get_loops(block)  # batch loops (ViT's images) stay outermost:
@@ -236,12 +252,12 @@ def packed(func: Any, target: Any) -> Any | None:
     # Two 16-wide runs per tile where a register holds 16 floats (6 x 2 accumulators of 32 registers);
     # one on narrower units (AVX2: a run is two registers already).
     vectors = 2 if vector_lanes(target) >= 16 and n % (2 * PACK_LANES) == 0 else 1
-    tile_rows = 1 if _const(sch.get(rows).extent) == 1 else PACKED_TILE_ROWS
+    tile_rows = 1 if _const(sch.get(rows).extent) == 1 else ROWS16_TILE_ROWS
     col_outer, col_vector, col_lane = sch.split(column, [None, vectors, PACK_LANES])
     row_outer, row_inner = sch.split(rows, [None, tile_rows])
     sch.reorder(*batch, col_outer, row_outer, depth, row_inner, col_vector, col_lane)
     sch.parallel(col_outer)
-    sch.annotate(block, RULE_ATTR, "packed")
+    sch.annotate(block, RULE_ATTR, "rows16")
     accumulators = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(accumulators, row_outer)
     for epilogue in blocks[1:]:  # elementwise epilogues on the finished tile; others run after
@@ -264,7 +280,7 @@ def packed(func: Any, target: Any) -> Any | None:
     return sch
 
 
-RULES = {"packed": packed, "gemv": gemv, "gemm": gemm, "attention": attention}
+RULES = {"rows16": rows16, "gemv": gemv, "gemm": gemm, "attention": attention}
 
 
 def default_schedule(func: Any, target: Any) -> tuple[str, Any] | None:

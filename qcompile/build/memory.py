@@ -227,8 +227,9 @@ def plan_for(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None, q
 
 def of_build(plan: Any) -> dict[str, Any]:
     """The plan of a BuildPlan (its quantization, if it has one)."""
-    return memory_plan(plan.spec, dtype=plan.dtype, quantization=getattr(plan, "quantization", None),
-                       group_size=getattr(plan, "group_size", schemes.DEFAULT_GROUP_SIZE),
+    quant = plan.quantization  # quant.choice.Quantization or None
+    return memory_plan(plan.spec, dtype=plan.dtype, quantization=quant.scheme if quant else None,
+                       group_size=(quant.group_size if quant else None) or schemes.DEFAULT_GROUP_SIZE,
                        max_seq_len=plan.max_seq_len, prefill_chunk=plan.prefill_chunk,
                        tensor_parallel=plan.parallel.shards if plan.parallel else 1,
                        pipeline_stages=len(plan.stages) if plan.stages else 1)

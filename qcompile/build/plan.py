@@ -17,6 +17,8 @@ from .. import __version__
 from ..errors import UserError
 from ..parallel import stages as pipeline
 from ..parallel.shards import TensorParallel
+from ..quant import choice, policy, schemes
+from ..quant.choice import Quantization
 from ..run.tvm_runtime import tvm_build_id
 from ..spec.model import ModelSpec
 from ..spec.target import ResolvedTarget, TargetSpec, availability, resolve
@@ -67,6 +69,7 @@ class BuildPlan:
     schedules: Schedules | None = None  # tuning databases applied (None: default schedules only)
     parallel: TensorParallel | None = None  # tensor-parallel split (None: one device)
     stages: list[pipeline.Stage] | None = None  # pipeline stages (None: one)
+    quantization: Quantization | None = None  # weight scheme (None: float weights in `dtype`)
 
     @property
     def model_config(self) -> Any:
@@ -101,18 +104,29 @@ class BuildPlan:
                 "buckets": self.buckets,
                 "tuning_database": self.schedules.digest if self.schedules else None,
                 **({"parallel": self.parallel.record(self.spec.config)} if self.parallel else {}),
-                **({"pipeline": pipeline.record(self.spec, self.stages)} if self.stages else {})}
+                **({"pipeline": pipeline.record(self.spec, self.stages)} if self.stages else {}),
+                "quantization": self.quantization.as_json() if self.quantization else None}
 
 
 def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
                max_seq_len: int | None = None, schedules: Path | None = None,
-               use_schedules: bool = True, tensor_parallel: int = 1, pipeline_stages: int = 1) -> BuildPlan:
+               use_schedules: bool = True, tensor_parallel: int = 1, pipeline_stages: int = 1,
+               quantization: str | None = None, group_size: int | None = None) -> BuildPlan:
     """Check the build options and resolve the target for this machine (UserError on bad input).
     `schedules`: a tuning database directory (default: the target's committed ones). `tensor_parallel`:
     build one shard of that many (the family's plan decides its shapes; see `parallel.shards`).
-    `pipeline_stages`: cut the layers into that many stages, each its own shared object (`parallel.stages`)."""
+    `pipeline_stages`: cut the layers into that many stages, each its own shared object (`parallel.stages`).
+    `quantization`, `group_size`: the weight scheme (quant/schemes.py; None: float weights)."""
     parallel = TensorParallel.for_model(spec, tensor_parallel) if tensor_parallel != 1 else None
     cut = pipeline.partition(spec, pipeline_stages) if pipeline_stages != 1 else None
+    quant = choice.resolve(quantization, group_size)
+    if quant is not None and parallel is not None:
+        raise UserError("--quantization with --tensor-parallel is not supported yet (shards slice float "
+                        "weights); use one or the other")
+    if quant is not None:
+        for name, shape in spec.family.hf_tensors(spec.config).items():
+            if policy.is_quantized(name, shape):
+                schemes.check_group_size(quant.scheme, quant.group_size or 0, name, shape[-1])
     dtype = dtype or target.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -125,13 +139,13 @@ def plan_build(spec: ModelSpec, target: TargetSpec, *, dtype: str | None = None,
     if not spec.kind.has_sequence:
         if max_seq_len is not None:
             raise UserError(f"--max-seq-len applies to decoders; {spec.name} is an {spec.kind.name}")
-        return BuildPlan(spec, resolved, dtype, None, None, found)
+        return BuildPlan(spec, resolved, dtype, None, None, found, quantization=quant)
     context = spec.config.max_position_embeddings
     max_seq_len = context if max_seq_len is None else max_seq_len
     if not 1 <= max_seq_len <= context:
         raise UserError(f"--max-seq-len must be in 1..{context} (the model's max_position_embeddings), "
                         f"got {max_seq_len}")
     return BuildPlan(spec, resolved, dtype, max_seq_len, prefill_chunk=min(target.prefill_chunk, max_seq_len),
-                     schedules=found, parallel=parallel, stages=cut)
+                     schedules=found, parallel=parallel, stages=cut, quantization=quant)
 
 

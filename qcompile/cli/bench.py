@@ -27,6 +27,9 @@ def add(sub) -> None:
                         "or QCOMPILE_LLAMA_CPP=DIR); repeatable or comma-separated")
     p.add_argument("--llama-quant", metavar="TYPES",
                    help="with --vs llama.cpp, also these llama-quantize types, comma-separated (e.g. q8_0,q4_0)")
+    p.add_argument("--quantization", metavar="SCHEME",
+                   help="qcompile's weight scheme (q8, q4, bf16, f16); with --vs llama.cpp, q8 also runs "
+                        "llama.cpp Q8_0 and q4 Q4_0 on the same weights")
     p.add_argument("--prompt-len", type=non_negative_int, default=128, help="prefill tokens (128)")
     p.add_argument("--decode-tokens", type=non_negative_int, default=32, help="decode steps per run (32)")
     p.add_argument("--repeats", type=non_negative_int, default=5, help="runs per figure; median (5)")
@@ -48,11 +51,13 @@ def run(args) -> None:
                                                llama_quant=_names([args.llama_quant or ""]),
                                                prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                                                repeats=args.repeats, workdir=args.workdir, log=progress(args),
-                                               skip=_names([args.skip or ""]), profile=args.profile)
+                                               skip=_names([args.skip or ""]), profile=args.profile,
+                                               quantization=args.quantization)
     if args.json:
         return emit_json(report)
     machine = report["machine"]
-    print(f"{report['model']} on {report['target']}, batch 1, {machine['threads']} threads, median of "
+    weights = f", {report['quantization']['scheme']} weights" if report["quantization"] else ""
+    print(f"{report['model']} on {report['target']}{weights}, batch 1, {machine['threads']} threads, median of "
           f"{report['repeats']} runs; "
           f"{report['tuned_kernels']} tuned kernels (database {report['tuning_database'] or 'none'})")
     probes = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in machine["read_probes_bytes_per_s"].items())

@@ -74,6 +74,10 @@ def add_build_options(p: argparse.ArgumentParser,
                                       "the model's max_position_embeddings") -> None:
     p.add_argument("--dtype", help=dtype_help)
     p.add_argument("--max-seq-len", type=non_negative_int, help=seq_help)
+    p.add_argument("--quantization", metavar="SCHEME",
+                   help="weight scheme: q8, q4 (int8 / int4 with a float16 scale per group), bf16, f16 "
+                        "(16-bit storage); default: float weights in --dtype")
+    p.add_argument("--group-size", type=non_negative_int, help="q8/q4: weights per scale (default 32)")
 
 
 def add_runnable(p: argparse.ArgumentParser) -> None:
@@ -93,7 +97,7 @@ def load_runnable(args, spec, library: Path | None):
     if library is not None:
         return api.load(library, weights=args.weights)
     return api.load(weights=args.weights, model=spec, target=args.target, dtype=args.dtype,
-                    max_seq_len=args.max_seq_len)
+                    max_seq_len=args.max_seq_len, quantization=args.quantization, group_size=args.group_size)
 
 
 def listing(group, name: str, help: str, func) -> argparse.ArgumentParser:

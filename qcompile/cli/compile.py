@@ -45,7 +45,8 @@ def run(args) -> None:
         check_fit(args)
     options = dict(target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len, log=progress(args),
                    schedules=args.schedules, use_schedules=not args.no_schedules,
-                   tensor_parallel=args.tensor_parallel, pipeline_stages=args.pipeline_stages)
+                   tensor_parallel=args.tensor_parallel, pipeline_stages=args.pipeline_stages,
+                   quantization=args.quantization, group_size=args.group_size)
     if args.register:
         entry, built = api.register_model(args.model, copy_to=args.output, **options)
         manifest = entry.manifest
@@ -55,7 +56,7 @@ def run(args) -> None:
     if args.json:
         return emit_json({"output": str(args.output) if args.output else None,
                           "registry_key": entry.key if args.register else None,
-                          **{k: manifest[k] for k in ("model", "target", "dtype", "max_seq_len",
+                          **{k: manifest[k] for k in ("model", "target", "dtype", "quantization", "max_seq_len",
                                                       "parameter_count", "library", "build")},
                           "parallel": manifest.get("parallel"), "pipeline": manifest.get("pipeline")})
     built_note = f"built in {manifest['build']['seconds']} s" if not args.register or built else "reused"

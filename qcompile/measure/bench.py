@@ -29,12 +29,15 @@ import numpy as np
 from .. import api
 from ..errors import UserError
 from ..models.kinds import DECODER
+from ..quant import choice
 from ..run import threads
 from ..spec.model import ModelSpec, resolve_model
 from ..spec.target import availability, load_target
 from . import llamacpp
 
 ENGINES = ("qcompile-tuned", "qcompile-default")
+# --quantization -> the llama.cpp type of the same bits and group (32) measured beside it with --vs llama.cpp
+LLAMA_QUANT = {"q8": "q8_0", "q4": "q4_0"}
 TORCH_ENGINES = ("torch-eager", "torch-compile")
 COMPARISONS = ("torch", "llama.cpp")  # what --vs names
 ENGINE_TIMEOUT = 900  # seconds per engine (torch.compile's first compile is the slow one)
@@ -187,10 +190,15 @@ def _child(engine: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def bench(model: str, *, target: str = "cpu", vs: tuple[str, ...] = (), llama_quant: tuple[str, ...] = (),
           prompt_len: int = 128, profile: bool = False, decode_tokens: int = 32, repeats: int = 5,
-          workdir: Path = Path("build/bench"), skip: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+          workdir: Path = Path("build/bench"), skip: tuple[str, ...] = (), quantization: str | None = None,
+          log=print) -> dict[str, Any]:
     """Build both libraries (registry: reused when unchanged), write random weights once, measure.
     `vs`: other engines to compare with ("torch", "llama.cpp"); `llama_quant`: llama-quantize types
-    measured beside llama.cpp's float32."""
+    measured beside llama.cpp's float32. `quantization`: the qcompile libraries' weight scheme; with
+    llama.cpp, its same-bits type (LLAMA_QUANT: q8 -> Q8_0, q4 -> Q4_0) is measured too."""
+    quant = choice.resolve(quantization, None)
+    if quant is not None and "llama.cpp" in vs and quant.scheme.name in LLAMA_QUANT:
+        llama_quant = tuple(dict.fromkeys((*llama_quant, LLAMA_QUANT[quant.scheme.name])))
     spec = resolve_model(model)
     engines = _engines(spec, vs, llama_quant, skip)
     if repeats < 1 or decode_tokens < 1:
@@ -214,7 +222,8 @@ def bench(model: str, *, target: str = "cpu", vs: tuple[str, ...] = (), llama_qu
     libraries = {}
     for engine, use in (("qcompile-tuned", True), ("qcompile-default", False)):
         log(f"building {engine} (registry; reused when unchanged)")
-        entry, _ = api.register_model(model, target=target, use_schedules=use, log=lambda _m: None)
+        entry, _ = api.register_model(model, target=target, use_schedules=use, quantization=quantization,
+                                      log=lambda _m: None)
         libraries[engine] = entry
     tuned_db = libraries["qcompile-tuned"].manifest.get("tuning_database")
     log(f"measuring read bandwidth and matmul peak ({threads.count()} threads)")
@@ -230,10 +239,15 @@ def bench(model: str, *, target: str = "cpu", vs: tuple[str, ...] = (), llama_qu
         results[engine] = _child(engine, {**args, **own})
         if engine in llama["files"] and "error" not in results[engine]:
             results[engine]["weight_bytes_scale"] = llama["scales"][engine]
+    if quant is not None:  # the decode limit on the packed bytes (every weight but norms and biases)
+        for engine in libraries:
+            if "error" not in results.get(engine, {"error": None}):
+                results[engine]["weight_bytes_scale"] = quant.scheme.bytes_per_weight(quant.group_size or 32) / 4
     limits = _limits(spec, kind, prompt_len, machine)
     for figures in results.values():
         _add_fractions(figures, limits)
     return {"model": spec.name, "target": target, "kind": kind, "prompt_len": prompt_len,
+            "quantization": quant.as_json() if quant else None,
             "decode_tokens": decode_tokens, "repeats": repeats, "machine": machine, "limits": limits,
             "tuning_database": tuned_db["sha256"] if tuned_db else None,
             "tuned_kernels": len(tuned_db["kernels"]["tuned"]) if tuned_db else 0, "engines": results,
@@ -320,7 +334,9 @@ def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         rows.append([engine, f"{f['prefill_seconds'] * 1e3:.0f}", f"{f['prefill_fraction_of_limit']:.0%}",
                      f"{f['decode_tokens_per_s']:.2f}", f"{f['decode_fraction_of_limit']:.0%}", _mb(f)])
-    rows.append(["limit", f"{limits['prefill_seconds'] * 1e3:.0f}", "FLOPs/peak",
+    # Quantized engines' decode fractions are on their own (packed) bytes; this row is float32's.
+    label = "limit (float32 weights)" if report.get("quantization") else "limit"
+    rows.append([label, f"{limits['prefill_seconds'] * 1e3:.0f}", "FLOPs/peak",
                  f"{limits['decode_tokens_per_s']:.2f}", "bytes/bandwidth", ""])
     return header, rows
 

@@ -12,7 +12,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from .decoder import DecoderConfig
-from .layers import F32, CausalSelfAttention, Embedding, RMSNorm
+from ..quant import kernels as packed
+from .layers import F32, CausalSelfAttention, RMSNorm
 
 
 def attention(cfg: DecoderConfig, window: int | None, dtype: str, *, qkv_bias: bool, o_bias: bool = False,
@@ -50,7 +51,7 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: DecoderConfig, layers: list[DecoderLayer], dtype: str):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embed_tokens = packed.embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -71,7 +72,7 @@ class CausalLM(nn.Module):
         self.cfg, self.dtype = cfg, dtype
         self.model = DecoderModel(cfg, layers, dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = packed.linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def shard(self, shards: int) -> None:
         """Make this (built with one shard's config) one of `shards` tensor-parallel shards."""

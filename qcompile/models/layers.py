@@ -16,6 +16,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
+from ..quant import kernels as packed
+
 F32 = "float32"
 SMALLEST_NORMAL = 1.1754943508222875e-38  # float32's smallest normal number (numpy: finfo.tiny)
 EXP_SMALLEST_NORMAL = -87.33654475055310  # ln(SMALLEST_NORMAL): exp below it is subnormal or 0
@@ -63,8 +65,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, ffn: int, dtype: str):
         self.ffn = ffn
-        self.gate_up_proj = nn.Linear(hidden, 2 * ffn, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(ffn, hidden, bias=False, dtype=dtype)
+        self.gate_up_proj = packed.linear(hidden, 2 * ffn, bias=False, dtype=dtype)
+        self.down_proj = packed.linear(ffn, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -122,24 +124,28 @@ def key_position(j: tir.PrimExpr, position: tir.PrimExpr, slots: int | tir.PrimE
     return tir.if_then_else(j < m, j + slots * tir.floordiv(position - 1 - j, slots), position + j - m)
 
 
-def attention_scores(q: Tensor, k_cache: Tensor, k_new: Tensor, position: tir.PrimExpr) -> Tensor:
+def attention_scores(q: Tensor, k_cache: Tensor | None, k_new: Tensor, position: tir.PrimExpr | None) -> Tensor:
     """q [n, h, d], key columns (k_cache [slots, kv, d] filled slots, then k_new [n, kv, d]) -> float32 q.k
     [h, n, min(position, slots) + n]. Query head hh reads kv head hh // (h / kv), as HF's repeat_kv does,
-    straight from the buffers: no repeated, transposed or concatenated copy of the keys.
+    straight from the buffers: no repeated, transposed or concatenated copy of the keys. Without a cache
+    (k_cache None: an encoder's attention within its tokens) the columns are k_new's alone.
 
     Two products, one per source (each reads its rows contiguously: one loop over `d` per score, which
     the CPU rule vectorises), then the columns side by side."""
 
-    def compute(q: te.Tensor, k_cache: te.Tensor, k_new: te.Tensor, position: tir.PrimExpr):
+    def compute(q: te.Tensor, k_new: te.Tensor, *cache):  # cache: (k_cache, position), or none
         n, heads, d = q.shape
-        group = heads // k_cache.shape[1]
-        m = cached_columns(position, k_cache.shape[0])
+        group = heads // k_new.shape[1]
 
         def product(keys: te.Tensor, columns: tir.PrimExpr, name: str) -> te.Tensor:
             r = te.reduce_axis((0, d), name="r")
             return te.compute((heads, n, columns), lambda hh, i, j: te.sum(
                 q[i, hh, r].astype(F32) * keys[j, hh // group, r].astype(F32), axis=r), name=name)
 
+        if not cache:
+            return product(k_new, k_new.shape[0], "attention_scores")
+        k_cache, position = cache
+        m = cached_columns(position, k_cache.shape[0])
         cached = product(k_cache, m, "attention_scores")
         chunk = product(k_new, n, "attention_scores_chunk")
         return te.compute((heads, n, m + n), lambda hh, i, j: tir.if_then_else(
@@ -147,20 +153,21 @@ def attention_scores(q: Tensor, k_cache: Tensor, k_new: Tensor, position: tir.Pr
 
     # Declared "output-elementwise fusable" (TVM's pattern for a matmul-like kernel), so the scale and
     # the mask fuse into this kernel; TVM's own analysis cannot tell with two products.
-    return op.tensor_expr_op(compute, "attention_scores", [q, k_cache, k_new, position],
+    cache = [] if k_cache is None else [k_cache, position]
+    return op.tensor_expr_op(compute, "attention_scores", [q, k_new, *cache],
                              attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
 
-def attention_values(probs: Tensor, v_cache: Tensor, v_new: Tensor, position: tir.PrimExpr) -> Tensor:
+def attention_values(probs: Tensor, v_cache: Tensor | None, v_new: Tensor, position: tir.PrimExpr | None) -> Tensor:
     """probs [h, n, columns] over the key columns, values (v_cache [slots, kv, d] filled slots, then v_new
     [n, kv, d]) -> [n, h, d] in the values' dtype (accumulated in float32); query head hh reads kv head
-    hh // (h / kv), straight from the buffers. One weighted sum per source, then their sum."""
+    hh // (h / kv), straight from the buffers. One weighted sum per source, then their sum. Without a
+    cache (v_cache None: an encoder) the values are v_new's rows alone."""
 
-    def compute(p: te.Tensor, v_cache: te.Tensor, v_new: te.Tensor, position: tir.PrimExpr):
+    def compute(p: te.Tensor, v_new: te.Tensor, *cache):  # cache: (v_cache, position), or none
         heads, n, _ = p.shape
-        kv_heads, d = v_cache.shape[1], v_cache.shape[2]
+        kv_heads, d = v_new.shape[1], v_new.shape[2]
         group = heads // kv_heads
-        m = cached_columns(position, v_cache.shape[0])
 
         def weight(hh, i, column):
             # A probability below float32's smallest normal number (a subnormal: a far, low-scoring key)
@@ -174,6 +181,12 @@ def attention_values(probs: Tensor, v_cache: Tensor, v_new: Tensor, position: ti
             return te.compute((n, heads, d), lambda i, hh, dd: te.sum(
                 weight(hh, i, first_column + j) * values[j, hh // group, dd].astype(F32), axis=j), name=name)
 
+        if not cache:
+            acc = weighted_sum(v_new, v_new.shape[0], 0, "attention_acc")
+            return te.compute((n, heads, d), lambda i, hh, dd: acc[i, hh, dd].astype(v_new.dtype),
+                              name="attention_values")
+        v_cache, position = cache
+        m = cached_columns(position, v_cache.shape[0])
         cached = weighted_sum(v_cache, m, 0, "attention_acc")
         chunk = weighted_sum(v_new, n, m, "attention_acc_chunk")
         # With no filled slot (a sequence's first chunk) the cached sum is over no rows; TVM's lowering may
@@ -182,7 +195,8 @@ def attention_values(probs: Tensor, v_cache: Tensor, v_new: Tensor, position: ti
             m > 0, cached[i, hh, dd] + chunk[i, hh, dd], chunk[i, hh, dd]).astype(v_cache.dtype),
             name="attention_values")
 
-    return op.tensor_expr_op(compute, "attention_values", [probs, v_cache, v_new, position])
+    cache = [] if v_cache is None else [v_cache, position]
+    return op.tensor_expr_op(compute, "attention_values", [probs, v_new, *cache])
 
 
 def masked_scores(scores: Tensor, position: tir.PrimExpr, slots: int, window: int | None) -> Tensor:
@@ -275,8 +289,8 @@ class CausalSelfAttention(nn.Module):
                  dtype: str):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rope_theta, self.window = rope_theta, window
-        self.qkv_proj = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype)
+        self.qkv_proj = packed.linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias, dtype=dtype)
+        self.o_proj = packed.linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype)
         self.qk_norm = qk_norm_eps is not None
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
@@ -304,12 +318,14 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(op.reshape(out, (n, h * d))), k_cache, v_cache
 
 
-def gathered_matmul(x: Tensor, weights: Tensor, expert: Tensor) -> Tensor:
+def gathered_matmul(x: Tensor, weights: Tensor | packed.PackedWeight, expert: Tensor) -> Tensor:
     """out[i] = weights[expert[i]] @ x[i]: x [m, k], weights [experts, r, k], expert [m] int32 -> [m, r].
 
     Each row reads only its own expert's matrix, so the cost follows the rows routed, not the number of
-    experts. Products accumulate in float32.
+    experts. Products accumulate in float32. Packed (quantized) experts: `packed.gathered_matmul`.
     """
+    if isinstance(weights, packed.PackedWeight):
+        return packed.gathered_matmul(x, weights, expert)
 
     def compute(x: te.Tensor, w: te.Tensor, expert: te.Tensor):
         m, k = x.shape
@@ -336,12 +352,13 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, norm_topk_prob: bool,
                  dtype: str):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
+        # The router runs in float32 whatever the dtype (a bfloat16 product flips close experts).
+        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=F32)
         self.experts = MoEExperts(hidden, ffn, num_experts, dtype)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [n, hidden] -> (weights [n, k] in x's dtype, experts [n, k] int32), as HF's router."""
-        probs = op.softmax(self.gate(x).astype(F32), axis=-1)  # [n, experts]
+        probs = op.softmax(self.gate(x.astype(F32)), axis=-1)  # [n, experts]
         weights, experts = op.topk(probs, self.top_k, axis=-1, ret_type="both", largest=True, dtype="int32")
         if self.norm_topk_prob:
             weights = weights / op.sum(weights, axis=-1, keepdims=True)
@@ -370,8 +387,8 @@ def order_to_token(order: Tensor, k: int) -> Tensor:
 
 class MoEExperts(nn.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, dtype: str):
-        self.gate_up_proj = nn.Parameter((num_experts, 2 * ffn, hidden), dtype)
-        self.down_proj = nn.Parameter((num_experts, hidden, ffn), dtype)
+        self.gate_up_proj = packed.expert_weight((num_experts, 2 * ffn, hidden), dtype)
+        self.down_proj = packed.expert_weight((num_experts, hidden, ffn), dtype)
 
     def forward(self, rows: Tensor, expert: Tensor) -> Tensor:
         """rows [m, hidden], expert [m] -> SwiGLU of each row through its expert, [m, hidden]."""

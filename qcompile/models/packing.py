@@ -2,7 +2,7 @@
 
 `pack_weights(module)` walks a built family module and replaces each `nn.Linear` and `Embedding`
 whose output rows 16 divides by a module whose weight parameter is stored packed ([N / 16, K, 16],
-`run.layouts`), read by one `packed_matmul` kernel (scheduled by `build.cpu_rules.packed`). The family
+`run.layouts`), read by one `rows16_matmul` kernel (scheduled by `build.cpu_rules.packed`). The family
 code stays layout-free; the builder applies this to float32 CPU builds, the loader packs each weight
 as it reads it (the manifest records every parameter's layout), and the numbers are unchanged: each
 output is the same sum over K in the same order.
@@ -20,7 +20,7 @@ from .layers import Embedding, gather
 LAYOUT_ATTR = "layout"  # nn.Parameter.attrs key the builder copies into the manifest
 
 
-def packed_matmul(x: Tensor, packed: Tensor) -> Tensor:
+def rows16_matmul(x: Tensor, packed: Tensor) -> Tensor:
     """x [..., K] . W^T with W [N, K] stored packed as [N / 16, K, 16] -> [..., N] in x's dtype."""
 
     def compute(x: te.Tensor, w: te.Tensor):
@@ -28,9 +28,9 @@ def packed_matmul(x: Tensor, packed: Tensor) -> Tensor:
         blocks, _, lanes = w.shape
         r = te.reduce_axis((0, k), name="k")
         return te.compute((*lead, blocks * lanes), lambda *i: te.sum(
-            x[(*i[:-1], r)] * w[i[-1] // lanes, r, i[-1] % lanes], axis=r), name="packed_matmul")
+            x[(*i[:-1], r)] * w[i[-1] // lanes, r, i[-1] % lanes], axis=r), name="rows16_matmul")
 
-    return op.tensor_expr_op(compute, "packed_matmul", [x, packed])
+    return op.tensor_expr_op(compute, "rows16_matmul", [x, packed])
 
 
 def _packed_parameter(rows: int, cols: int, dtype: str) -> nn.Parameter:
@@ -39,7 +39,7 @@ def _packed_parameter(rows: int, cols: int, dtype: str) -> nn.Parameter:
     return weight
 
 
-class PackedLinear(nn.Module):
+class Rows16Linear(nn.Module):
     """nn.Linear (y = x W^T + b) with W stored `rows16`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
@@ -47,11 +47,11 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = packed_matmul(x, self.weight)
+        y = rows16_matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
 
-class PackedEmbedding(nn.Module):
+class Rows16Embedding(nn.Module):
     """`layers.Embedding` with its [vocab, hidden] weight stored `rows16`: a token's row is gathered
     from its block (16 tokens interleaved), and the tied LM head reads it as a packed linear."""
 
@@ -63,7 +63,7 @@ class PackedEmbedding(nn.Module):
         return _lane_of(blocks, ids)
 
     def lm_head(self, x: Tensor) -> Tensor:
-        return packed_matmul(x, self.weight)
+        return rows16_matmul(x, self.weight)
 
 
 def _block_of(ids: Tensor) -> Tensor:
@@ -99,8 +99,8 @@ def pack_weights(module: nn.Module) -> nn.Module:
 
 def _packed(child) -> nn.Module | None:
     if isinstance(child, nn.Linear) and child.weight.dtype == "float32" and child.out_features % PACK_LANES == 0:
-        return PackedLinear(child.in_features, child.out_features, child.bias is not None, "float32")
+        return Rows16Linear(child.in_features, child.out_features, child.bias is not None, "float32")
     if isinstance(child, Embedding) and child.weight.dtype == "float32" and child.weight.shape[0] % PACK_LANES == 0:
         vocab, hidden = child.weight.shape
-        return PackedEmbedding(vocab, hidden, "float32")
+        return Rows16Embedding(vocab, hidden, "float32")
     return None

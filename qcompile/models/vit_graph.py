@@ -10,6 +10,7 @@ from typing import Any
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from ..quant import kernels as packed
 from .layers import F32, attention_scores, attention_values
 from .vit import ViTConfig
 
@@ -27,11 +28,11 @@ class EncoderBlock(nn.Module):
         width, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.heads, self.act = cfg.num_attention_heads, cfg.hidden_act
         self.norm1 = nn.LayerNorm(width, eps, dtype=dtype)
-        self.qkv = nn.Linear(width, 3 * width, bias=cfg.qkv_bias, dtype=dtype)
-        self.out = nn.Linear(width, width, bias=True, dtype=dtype)
+        self.qkv = packed.linear(width, 3 * width, bias=cfg.qkv_bias, dtype=dtype)
+        self.out = packed.linear(width, width, bias=True, dtype=dtype)
         self.norm2 = nn.LayerNorm(width, eps, dtype=dtype)
-        self.fc1 = nn.Linear(width, cfg.intermediate_size, bias=True, dtype=dtype)
-        self.fc2 = nn.Linear(cfg.intermediate_size, width, bias=True, dtype=dtype)
+        self.fc1 = packed.linear(width, cfg.intermediate_size, bias=True, dtype=dtype)
+        self.fc2 = packed.linear(cfg.intermediate_size, width, bias=True, dtype=dtype)
 
     def attention(self, x: Tensor) -> Tensor:
         """Multi-head self-attention over all tokens: x [b, t, width] -> [b, t, width].
@@ -46,9 +47,9 @@ class EncoderBlock(nn.Module):
         qkv = op.permute_dims(op.reshape(self.qkv(x), (b, t, 3, h, d)), [2, 1, 0, 3, 4])
         qkv = op.reshape(qkv, (3, t, b * h, d))
         q, k, v = (op.squeeze(part, 0) for part in op.split(qkv, 3, axis=0))  # each [t, b*h, d]
-        scores = attention_scores(q, k) * (1.0 / math.sqrt(d))  # [b*h, t, t] float32
+        scores = attention_scores(q, None, k, None) * (1.0 / math.sqrt(d))  # [b*h, t, t] float32, no cache
         probs = op.softmax(scores, axis=-1).astype(x.dtype)
-        out = op.reshape(attention_values(probs, v), (t, b, width))  # [t, b*h, d] -> [t, b, h*d]
+        out = op.reshape(attention_values(probs, None, v, None), (t, b, width))  # [t, b*h, d] -> [t, b, h*d]
         return self.out(op.permute_dims(out, [1, 0, 2]))  # [b, t, width], heads concatenated
 
     def forward(self, x: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from ..build.library import read_manifest
 from ..errors import UserError
 from ..spec.model import ModelSpec, load_checkpoint_config
 from . import cpu_features, tvm_runtime
+from ..quant.choice import from_manifest
 from .weights import load_parameters, parameter_specs
 
 
@@ -106,7 +107,8 @@ class Library:
             library = verify_library(directory, self.manifest, Path(private))  # before reading any weight
             _check_checkpoint_matches(self.spec, weights)
             # One parameter at a time: read, copied to the device, dropped (peak: the weights once + one).
-            self._params = [rt.tensor(a, self.device) for a in load_parameters(self.spec, weights, params)]
+            arrays = load_parameters(self.spec, weights, params, from_manifest(self.manifest))
+            self._params = [rt.tensor(a, self.device) for a in arrays]
             module = rt.load_module(library)  # mapped: the copy may go once loaded
         self._vm = rt.virtual_machine(module, self.device)
         self._tensor, self._numpy = rt.tensor, rt.numpy
