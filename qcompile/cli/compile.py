@@ -69,7 +69,7 @@ def check_fit(args) -> None:
     """The memory plan against --device-memory, before any building: one line either way."""
     plan = api.memory_plan(args.model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
                            quantization=getattr(args, "quantization", None),
-                           group_size=getattr(args, "group_size", 32), tensor_parallel=args.tensor_parallel,
+                           group_size=args.group_size or 32, tensor_parallel=args.tensor_parallel,
                            pipeline_stages=args.pipeline_stages)
     ok, line = api.memory_fit(plan, args.device_memory)
     if not ok:

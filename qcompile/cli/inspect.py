@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from .. import api
-from ..quant.schemes import DEFAULT_GROUP_SIZE, SCHEMES
+from ..quant.schemes import DEFAULT_GROUP_SIZE
 from .common import add_build_options, add_target, emit_json, listing, non_negative_int
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -21,9 +21,6 @@ def add(sub) -> None:
     add_target(p, help="with a MODEL: the target (default: cpu)")
     add_build_options(p, dtype_help="with a MODEL: compute dtype (default: the target's)",
                       seq_help="with a MODEL: context the KV cache holds (default: max_position_embeddings)")
-    p.add_argument("--quantization", metavar="SCHEME", help=f"with a MODEL: weights as one of {', '.join(SCHEMES)}")
-    p.add_argument("--group-size", type=non_negative_int, default=DEFAULT_GROUP_SIZE,
-                   help=f"with a MODEL: weights per scale (q8, q4; default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--tensor-parallel", type=non_negative_int, default=1, metavar="N",
                    help="with a MODEL: devices each layer is split over (default 1)")
     p.add_argument("--pipeline-stages", type=non_negative_int, default=1, metavar="S",
@@ -70,7 +67,7 @@ def inspect(args) -> None:
 
 def inspect_model(args) -> None:
     plan = api.memory_plan(args.library, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                           quantization=args.quantization, group_size=args.group_size,
+                           quantization=args.quantization, group_size=args.group_size or DEFAULT_GROUP_SIZE,
                            tensor_parallel=args.tensor_parallel, pipeline_stages=args.pipeline_stages)
     fit = api.memory_fit(plan, args.device_memory) if args.device_memory else None
     if args.json:
