@@ -26,6 +26,8 @@ Rules (each returns None when the kernel is not of its class):
          (Measured, 2 threads on an AVX-512 Xeon, 128 x 896 . 4864 x 896: 262-294 GFLOP/s for tiles
          4x2 and 6x2, twice the `gemm` rule on the HF layout; decode's 1 x 896 . 151936 x 896 reads
          32 GB/s.) Elementwise epilogues (bias, residual, activation) run on the tile while it is hot.
+  gathered  the MoE experts' product over float weights [experts, r, K], each row through its own
+         expert: threads over weight-row blocks, lanes-wide partial sums along K (a GEMV per row).
   attention  the two products of attention over the KV cache (`models.layers.attention_scores` and
          `attention_values`; their length is symbolic, so no tuning reaches them), each one product per
          source of keys (the buffers' filled slots, the chunk's rows): threads over (query, head) pairs;
@@ -47,6 +49,7 @@ ROWS16_TILE_ROWS = 6  # input rows per register tile of the packed rule (x `vect
 # The product block of a packed weight's kernel (quant.kernels.matmul).
 DEQUANTIZE_BLOCK = "dequantize_matmul"
 NIBBLE_AXIS = "nibble"  # its q4 reduction axis over a byte's two nibbles
+GATHERED_BLOCK = "gathered_acc"  # the product block of models.layers.gathered_matmul (float experts)
 # The first block of the two attention products (models.layers.attention_scores / attention_values).
 ATTENTION_BLOCKS = ("attention_scores", "attention_acc")
 ATTENTION_PROBS_BLOCK = "attention_probs_max"  # the first block of models.layers.attention_probs
@@ -280,7 +283,50 @@ def rows16(func: Any, target: Any) -> Any | None:
     return sch
 
 
-RULES = {"rows16": rows16, "gemv": gemv, "gemm": gemm, "attention": attention}
+def gathered(func: Any, target: Any) -> Any | None:
+    """The MoE experts' product (`models.layers.gathered_matmul`, float weights): out[i, j] = sum_k
+    x[i, k] * W[expert[i], j, k]. Every row reads its own expert's matrix, so rows share no weights and
+    each is a GEMV: threads over blocks of GEMV_ROWS weight rows, each dot product in lanes-wide partial
+    sums (an rfactor, as `gemv`), the cast epilogue on the block while it is hot."""
+    from tvm import s_tir  # noqa: PLC0415
+
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = _blocks(sch)
+    except Exception:  # noqa: BLE001 (no root block: not a kernel written as blocks)
+        return None
+    if sch.get(blocks[0]).name_hint != GATHERED_BLOCK:
+        return None
+    block = blocks[0]
+    i, j, k = sch.get_loops(block)
+    lanes = vector_lanes(target)
+    depth, rows = _const(sch.get(k).extent), _const(sch.get(j).extent)
+    if depth is None or depth % lanes or rows is None or rows % GEMV_ROWS:
+        return None
+    k_outer, k_lane = sch.split(k, [None, lanes])
+    partial = sch.rfactor(k_lane, factor_axis=2)  # partial[m, r, lanes]
+    sch.annotate(partial, RULE_ATTR, "gathered")
+    i, j, k_outer, k_lane = sch.get_loops(partial)
+    j_outer, j_inner = sch.split(j, [None, GEMV_ROWS])
+    # Threads take weight-row blocks; under one, each input row (its own expert) in turn. (Fusing the
+    # row and block loops into one parallel loop computed wrong results with the epilogues moved in.)
+    sch.reorder(j_outer, i, k_outer, j_inner, k_lane)
+    sch.parallel(j_outer)
+    sch.set_scope(partial, 0, "local")
+    row = sch.get_loops(partial)[1]
+    sch.reverse_compute_at(sch.get_sblock(GATHERED_BLOCK), row)
+    shape = [r.extent for r in sch.get(block).writes[0].region]
+    for epilogue in blocks[1:]:  # the cast, and elementwise ops of the same shape fused after it
+        if not _is_elementwise(sch, epilogue) or \
+                [str(r.extent) for r in sch.get(epilogue).writes[0].region] != [str(e) for e in shape]:
+            break
+        sch.reverse_compute_at(epilogue, row)
+    sch.decompose_reduction(partial, sch.get_loops(partial)[2])
+    sch.unroll(sch.get_loops(partial)[-2])
+    return sch
+
+
+RULES = {"rows16": rows16, "gemv": gemv, "gemm": gemm, "attention": attention, "gathered": gathered}
 
 
 def default_schedule(func: Any, target: Any) -> tuple[str, Any] | None:

@@ -58,10 +58,10 @@ def _best_rate(amount: float, run, repeats: int = 5) -> float:
 
 def measure_machine(thread_count: int) -> dict[str, Any]:
     """The physical limits on this machine, each the fastest kernel available here on `thread_count`
-    threads: read bandwidth (bytes/s) as the best of torch's sum over 1 GiB and numpy's (BLAS)
-    matrix-vector product over a 1 GiB [rows, 1024] float32 matrix (both read every byte once; the
-    faster one is the closer bound: no engine should beat it), and the float32 matmul peak (FLOP/s,
-    torch 2048^3)."""
+    threads: read bandwidth (bytes/s) as the best of torch's sum over 1 GiB, numpy's (BLAS)
+    matrix-vector product and qcompile's own rows16 GEMV over the same 1 GiB as a [rows, 1024] float32
+    matrix (each reads every byte once; the fastest is the closest bound: no engine should beat it), and
+    the float32 matmul peak (FLOP/s, torch 2048^3)."""
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(thread_count)
@@ -70,9 +70,35 @@ def measure_machine(thread_count: int) -> dict[str, Any]:
     matrix = big.numpy().reshape(-1, 1024)  # the same bytes, as a matrix
     vector = np.ones(1024, np.float32)
     probes["numpy_gemv"] = _best_rate(matrix.nbytes, lambda: matrix @ vector)
+    probes["qcompile_gemv"] = _best_rate(matrix.nbytes, _rows16_gemv(matrix))
     a = torch.randn(2048, 2048)
     return {"read_bytes_per_s": max(probes.values()), "read_probes_bytes_per_s": probes,
             "matmul_flop_per_s": _best_rate(2 * 2048 ** 3, lambda: a @ a), "threads": thread_count}
+
+
+def _rows16_gemv(matrix: np.ndarray):
+    """qcompile's own decode GEMV (the `rows16` CPU rule) over the bytes of `matrix` [rows, K] float32,
+    as a read probe: a call that reads them once. (Since float32 builds stream rows16 weights, this
+    kernel reads faster here than torch's sum and numpy's GEMV; a limit below it would be beaten.)"""
+    import tvm  # noqa: PLC0415
+    from tvm import te  # noqa: PLC0415
+
+    from ..build.cpu_rules import rows16  # noqa: PLC0415
+    from ..run.layouts import PACK_LANES  # noqa: PLC0415
+    from ..spec.target import load_target, resolve  # noqa: PLC0415
+
+    rows, k = matrix.shape
+    x = te.placeholder((1, k), "float32", name="x")
+    w = te.placeholder((rows // PACK_LANES, k, PACK_LANES), "float32", name="w")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((1, rows), lambda i, n: te.sum(x[i, r] * w[n // PACK_LANES, r, n % PACK_LANES], axis=r),
+                   name="rows16_matmul")
+    target = resolve(load_target("cpu")).tvm
+    kernel = tvm.compile(rows16(te.create_prim_func([x, w, y]), target).mod, target=target)["main"]
+    args = [tvm.runtime.tensor(np.ones((1, k), np.float32)),
+            tvm.runtime.tensor(matrix.reshape(rows // PACK_LANES, k, PACK_LANES)),  # same bytes, any layout
+            tvm.runtime.empty((1, rows), "float32")]
+    return lambda: kernel(*args)
 
 
 # --- one engine, in a child process ---------------------------------------------------------------

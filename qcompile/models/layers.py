@@ -332,7 +332,7 @@ def gathered_matmul(x: Tensor, weights: Tensor | packed.PackedWeight, expert: Te
         r = w.shape[1]
         reduce = te.reduce_axis((0, k), name="k")
         acc = te.compute((m, r), lambda i, j: te.sum(
-            x[i, reduce].astype(F32) * w[expert[i], j, reduce].astype(F32), axis=reduce), name="acc")
+            x[i, reduce].astype(F32) * w[expert[i], j, reduce].astype(F32), axis=reduce), name="gathered_acc")
         return te.compute((m, r), lambda i, j: acc[i, j].astype(x.dtype), name="gathered_matmul")
 
     return op.tensor_expr_op(compute, "gathered_matmul", [x, weights, expert])
