@@ -56,19 +56,67 @@ def write_hf_checkpoint(directory: Path, *, family: str = "qwen2", seed: int = 0
     return directory
 
 
+def random_vision_model(model_name: str, config_name: str, *, seed: int, std: float = 0.2, **fields):
+    """transformers' `model_name` (ViTModel, CLIPVisionModel) built from `config_name(**fields)`, in eval
+    mode, every weight and bias N(0, std) and norm weights 1 + N(0, std) (as write_hf_checkpoint, for the
+    same reason)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_name)(getattr(transformers, config_name)(**fields)).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            param.normal_(0.0, std)
+            if "norm" in name:
+                param.add_(1.0)
+    return hf
+
+
+def assert_decoder_matches(ours, hf, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+    """A loaded decoder vs the transformers model `hf`: the prompt's logits, `new_tokens` greedy tokens
+    (identical, and not degenerate) and every decode step's logits, within the float32 tier. Returns
+    the generated ids."""
+    from qcompile.measure import reference
+
+    assert max_rel_diff(ours.prefill(prompt), reference.logits(hf, prompt)) <= CPU_TOLERANCE
+    new = ours.generate(prompt, new_tokens)
+    np.testing.assert_array_equal(new, reference.greedy_generate(hf, prompt, new_tokens).new_ids)
+    assert len(set(new.tolist())) > 2, "degenerate generation proves little"
+    # the logits that chose new token i are the reference's at position len(prompt) - 1 + i
+    steps = reference.logits(hf, np.concatenate([prompt, new]))[len(prompt) - 1:-1]
+    assert max_rel_diff(ours.last_step_logits, steps) <= CPU_TOLERANCE
+    return new
+
+
 class Libraries:
-    """Compile-once cache: (model, options) -> library directory."""
+    """Compile-once cache: build identity -> library directory.
+
+    The key is the registry's (`BuildPlan.identity()`: config, target, options, toolchain; everything that
+    decides the library's bytes), so checkpoints that differ only in their weights share one library, as
+    the registry would share it. A zoo model also keys on its name: its manifest names it."""
 
     def __init__(self, root: Path):
         self.root, self.built = root, {}
 
     def get(self, model: str | Path, **options) -> Path:
-        key = (str(model), tuple(sorted(options.items())))
+        key = build_key(model, **options)
         if key not in self.built:
             out = self.root / f"lib{len(self.built)}"
             qcompile.compile_model(model, out=out, log=lambda _m: None, **options)
             self.built[key] = out
         return self.built[key]
+
+
+def build_key(model: str | Path, *, target: str = targets.DEFAULT_TARGET, schedules: Path | None = None,
+              **options) -> tuple[str | None, str]:
+    """(zoo model name or None for a checkpoint directory, sha256 of the build identity)."""
+    from qcompile.build.plan import plan_build
+    from qcompile.registry import key_of
+    from qcompile.spec.model import resolve_model
+
+    plan = plan_build(resolve_model(model), targets.load_target(target), schedules=schedules, **options)
+    return (None if Path(model).is_dir() else str(model)), key_of(plan.identity())
 
 
 @pytest.fixture(scope="session")

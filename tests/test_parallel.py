@@ -101,9 +101,12 @@ def checkpoints(tmp_path_factory):
     def get(model: str, libraries):
         if model not in made:
             root = tmp_path_factory.mktemp("tp")
-            if model == "moe-bias":  # o_proj with a bias: row-parallel, added once (by shard 0)
+            if model == MOE_ALL:  # q/k/v/o with biases (o_proj's row-parallel: added once, by shard 0),
+                # a tied LM head (the last stage holds the embedding too) and sliding windows
                 source = ckpt = write_hf_checkpoint(root / "ckpt", family="qwen3_moe", seed=3, std=0.25,
-                                                    attention_bias=True, norm_topk_prob=True)
+                                                    attention_bias=True, norm_topk_prob=True,
+                                                    tie_word_embeddings=True, use_sliding_window=True,
+                                                    sliding_window=8)
             else:
                 source, ckpt = model, qcompile.init_weights(model, out=root / "ckpt")
             made[model] = (source, ckpt, reference.load_causal_lm(ckpt),
@@ -114,14 +117,15 @@ def checkpoints(tmp_path_factory):
 
 
 # (model, tensor-parallel shards, pipeline stages): TP 2, PP 2 and TP 2 x PP 2 for each debug decoder (their
-# 2 kv heads rule out TP 4), and TP 2 over an o_proj with a bias. Each case compiles a library and starts
-# tp x pp worker processes (~30 s on 2 busy cores), so by default the suite runs the three that exercise
-# every part once: sharded qkv bias + GQA, stages with a tied LM head and sliding windows, sliced experts with
-# stages composed (the row-parallel bias rule: test_tensor_slices_follow_the_plan). QCOMPILE_ALL_SPLITS=1
-# runs all ten.
+# 2 kv heads rule out TP 4), and TP 2 x PP 2 of MOE_ALL. Each case compiles a library and starts tp x pp worker
+# processes (~30 s on 2 busy cores), so by default the suite runs the one that exercises every part at once:
+# MOE_ALL's sliced experts, sharded q/k/v biases with GQA, the row-parallel o_proj bias, stages composed with
+# the shards, a tied LM head and sliding windows across stages. qwen2's own plan runs sharded in
+# test_cli_runs_a_sharded_cpu_library. QCOMPILE_ALL_SPLITS=1 runs all ten.
+MOE_ALL = "moe-bias-tied-sliding"
 SPLITS = [(m, tp, pp) for m in ("qwen2-debug", "qwen2-sw-debug", "qwen3-moe-debug")
-          for tp, pp in ((2, 1), (1, 2), (2, 2))] + [("moe-bias", 2, 1)]
-DEFAULT_SPLITS = {("qwen2-debug", 2, 1), ("qwen2-sw-debug", 1, 2), ("qwen3-moe-debug", 2, 2)}
+          for tp, pp in ((2, 1), (1, 2), (2, 2))] + [(MOE_ALL, 2, 2)]
+DEFAULT_SPLITS = {(MOE_ALL, 2, 2)}
 
 
 @pytest.mark.parametrize("model,tp,pp", SPLITS, ids=[f"{m}-tp{tp}-pp{pp}" for m, tp, pp in SPLITS])
@@ -129,7 +133,7 @@ def test_split_library_matches_unsharded_and_transformers(model, tp, pp, checkpo
     """The split library, run as tp x pp Disco workers (gloo all-reduce), vs the unsharded library and
     transformers: prompt logits, greedy tokens and the decode steps' logits."""
     if (model, tp, pp) not in DEFAULT_SPLITS and not os.environ.get("QCOMPILE_ALL_SPLITS"):
-        pytest.skip("one of the ten splits beyond the default three (QCOMPILE_ALL_SPLITS=1 runs it)")
+        pytest.skip("one of the ten splits beyond the default one (QCOMPILE_ALL_SPLITS=1 runs it)")
     source, ckpt, hf, whole = checkpoints(model, libraries)
     split = qcompile.load(libraries.get(source, max_seq_len=64, tensor_parallel=tp, pipeline_stages=pp),
                           weights=ckpt)
@@ -204,16 +208,23 @@ def test_bad_checkpoint_is_one_line_from_the_workers(tmp_path, libraries):
                       weights=ckpt)
 
 
-def test_cli_runs_a_sharded_cpu_library(tmp_path, libraries):
-    ckpt = qcompile.init_weights("qwen2-debug", out=tmp_path / "ckpt")
+def test_cli_runs_a_sharded_cpu_library(tmp_path, checkpoints, libraries):
+    """qwen2-debug as two tensor-parallel shards through `qcompile run` (Disco workers, gloo all-reduce):
+    qwen2's plan (fused qkv with bias, GQA) vs transformers and the unsharded library, prompt logits and
+    greedy tokens."""
+    _, ckpt, hf, whole = checkpoints("qwen2-debug", libraries)
     library = libraries.get("qwen2-debug", max_seq_len=64, tensor_parallel=2, pipeline_stages=1)
-    ids = " ".join(map(str, PROMPT[:6]))
     proc = subprocess.run([sys.executable, "-m", "qcompile", "run", str(library), "--weights", str(ckpt),
-                           "--prompt-ids", ids, "--max-new-tokens", "4", "--json"],
+                           "--prompt-ids", " ".join(map(str, PROMPT)), "--max-new-tokens", str(NEW_TOKENS),
+                           "--logits-out", str(tmp_path / "logits.npy"), "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    whole = qcompile.load(libraries.get("qwen2-debug", max_seq_len=64), weights=ckpt)
-    assert json.loads(proc.stdout)["generated_ids"] == whole.generate(PROMPT[:6], 4).tolist()
+    logits = np.load(tmp_path / "logits.npy")
+    assert max_rel_diff(logits, reference.logits(hf, PROMPT)) <= CPU_TOLERANCE
+    assert max_rel_diff(logits, whole.prefill(PROMPT)) <= CPU_TOLERANCE
+    generated = json.loads(proc.stdout)["generated_ids"]
+    assert generated == whole.generate(PROMPT, NEW_TOKENS).tolist()
+    assert generated == reference.greedy_generate(hf, PROMPT, NEW_TOKENS).new_ids.tolist()
 
 
 def test_cli_names_the_field_that_does_not_divide(tmp_path):
