@@ -98,10 +98,15 @@ def test_debug_model_builds_with_the_targets_device_code(model, target, workdir)
         assert module["code_object_version"] == spec.device_code["code_object_version"] == 5
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_16_bit_cpu_build_meets_its_tier(dtype, workdir):
-    """The 16-bit tier metrics (top-1 agreement, KL, max diff) on the one backend that runs here."""
-    row = crosscheck.check_pair("qwen2-debug", "cpu", dtype=dtype, workdir=workdir, log=lambda _m: None)
+@pytest.mark.parametrize("model,dtype", [("qwen2-debug", "float16"), ("qwen2-debug", "bfloat16"),
+                                         ("qwen3-moe-debug", "bfloat16")])
+def test_16_bit_cpu_build_meets_its_tier(model, dtype, workdir):
+    """The 16-bit tier metrics (top-1 agreement, KL, max diff) on the one backend that runs here.
+
+    qwen3-moe-debug: the router runs in float32 whatever the dtype. As a bfloat16 product (before
+    quantization's session) near-tied experts flipped and it missed the bfloat16 tier (max_rel_diff 0.34 >
+    0.15); now 0.04."""
+    row = crosscheck.check_pair(model, "cpu", dtype=dtype, workdir=workdir, log=lambda _m: None)
     metrics = row["vs_transformers"]
     assert set(metrics) == {"max_rel_diff", "top1_agreement", "kl"}
     assert row["failed"] == [], row

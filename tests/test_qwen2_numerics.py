@@ -77,9 +77,9 @@ def test_greedy_tokens_and_decode_logits_match(case, prompt, new_tokens):
 
 def test_sliding_build_differs_from_full_after_the_window(tmp_path, libraries):
     """Same weights, use_sliding_window on vs off: equal before position W, different after."""
-    window = 6
+    window = 6  # CASES["sliding-derived"]'s config (layers 1, 2 slide): its library is reused
     sliding = write_hf_checkpoint(tmp_path / "sliding", seed=3, num_hidden_layers=3,
-                                  use_sliding_window=True, sliding_window=window, max_window_layers=0)
+                                  use_sliding_window=True, sliding_window=window, max_window_layers=1)
     full = tmp_path / "full"
     shutil.copytree(sliding, full)
     config = json.loads((full / "config.json").read_text())

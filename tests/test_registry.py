@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,23 @@ def home(tmp_path, monkeypatch):
 
 def quiet(_message):
     pass
+
+
+@pytest.fixture(scope="module")
+def seeded_home(tmp_path_factory):
+    """A registry home with qwen2-debug (max_seq_len 32) registered, once per module: the tests that damage
+    or count such an entry start from a copy (the layout holds no absolute paths) instead of compiling it."""
+    seed = tmp_path_factory.mktemp("seed") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QCOMPILE_HOME", str(seed))
+        qcompile.register_model("qwen2-debug", max_seq_len=32, log=quiet)
+    return seed
+
+
+@pytest.fixture
+def home_with_entry(home, seeded_home):
+    shutil.copytree(seeded_home, home)
+    return home
 
 
 def test_key_is_stable_and_every_input_changes_it(monkeypatch):
@@ -122,7 +140,7 @@ def test_writer_killed_before_publishing_leaves_nothing_loadable(home, tmp_path,
     model.close()
 
 
-def test_flipped_byte_is_refused_by_verify_and_load(home, capsys, debug_checkpoint):
+def test_flipped_byte_is_refused_by_verify_and_load(home_with_entry, capsys, debug_checkpoint):
     entry, _ = qcompile.register_model("qwen2-debug", max_seq_len=32, log=quiet)
     library = entry.path / "model.so"
     data = bytearray(library.read_bytes())
@@ -137,7 +155,7 @@ def test_flipped_byte_is_refused_by_verify_and_load(home, capsys, debug_checkpoi
     assert built and rebuilt.key == entry.key and registry.Registry().verify(entry.key) == []
 
 
-def test_truncated_library_is_refused(home, debug_checkpoint):
+def test_truncated_library_is_refused(home_with_entry, debug_checkpoint):
     entry, _ = qcompile.register_model("qwen2-debug", max_seq_len=32, log=quiet)
     library = entry.path / "model.so"
     library.write_bytes(library.read_bytes()[:4096])
@@ -146,7 +164,7 @@ def test_truncated_library_is_refused(home, debug_checkpoint):
         qcompile.load(model="qwen2-debug", max_seq_len=32, weights=debug_checkpoint)
 
 
-def test_failed_load_releases_the_lock_once(home, capsys, tmp_path):
+def test_failed_load_releases_the_lock_once(home_with_entry, capsys, tmp_path):
     """A load that fails after taking the entry's lock: one error line, no stray close of another fd."""
     import gc
 
@@ -161,7 +179,7 @@ def test_failed_load_releases_the_lock_once(home, capsys, tmp_path):
     registry.Registry().remove(entry.key)  # the lock was released: nothing holds the entry
 
 
-def test_edited_manifest_is_refused(home, debug_checkpoint):
+def test_edited_manifest_is_refused(home_with_entry, debug_checkpoint):
     entry, _ = qcompile.register_model("qwen2-debug", max_seq_len=32, log=quiet)
     manifest = json.loads((entry.path / "manifest.json").read_text())
     manifest["prefill_chunk"] = 1
@@ -170,7 +188,7 @@ def test_edited_manifest_is_refused(home, debug_checkpoint):
         qcompile.load(model="qwen2-debug", max_seq_len=32, weights=debug_checkpoint)
 
 
-def test_gc_evicts_least_recently_used_and_spares_entries_in_use(home, debug_checkpoint):
+def test_gc_evicts_least_recently_used_and_spares_entries_in_use(home_with_entry, debug_checkpoint):
     entries = [qcompile.register_model("qwen2-debug", max_seq_len=n, log=quiet)[0] for n in (16, 32, 48)]
     now = time.time()
     for age, entry in zip((300, 200, 100), entries, strict=True):  # 16 is the least recently used

@@ -5,6 +5,7 @@ record and a rerun resumes; a damaged database is a clear error."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -33,19 +34,55 @@ MODEL = "qwen2-debug"
 # down (7), and the prefill bucket's qkv (8). The numbers follow the exported graph; test_tuning_writes_...
 # checks that both decode and the bucket are among them.
 KERNELS = "fused_rows16_matmul[478]_add*"
-TRIALS = 3
+TRIALS = 4
+
+
+@dataclasses.dataclass
+class Tuned:
+    directory: Path  # the database the resumed run completed
+    interrupted: subprocess.CompletedProcess  # the first run's exit status and stderr
+    before: list[str]  # its records, as the interrupt left them
+    report: dict  # the resumed run's
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory) -> tuple[Path, dict]:
+def tuned(tmp_path_factory) -> Tuned:
+    """One tuning run, made the way a user resumes one: `qcompile tune` in a real process, interrupted
+    (SIGINT) after the default records of the three kernels and the first kernel's round (the signal lands
+    while the second is tuned, whose round is kept, so the third is left), then rerun here to finish. The
+    other tests apply the database it leaves."""
     directory = tmp_path_factory.mktemp("schedules") / MODEL
+    records = directory / schedules.RECORDS
+    command = [sys.executable, "-m", "qcompile", "tune", MODEL, "--kernels", KERNELS, "--trials", str(TRIALS),
+               "--schedules", str(directory), "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if records.exists() and len(records.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, "tuning ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    before = records.read_text().splitlines()
     report = api.tune(MODEL, trials=TRIALS, schedules=directory, kernels=KERNELS, log=lambda _m: None,
                       show_progress=False)
-    return directory, report
+    return Tuned(directory, subprocess.CompletedProcess(command, process.returncode, out, err), before, report)
+
+
+def test_interrupted_tuning_keeps_every_record_and_a_rerun_resumes(tuned):
+    assert tuned.interrupted.returncode == 130 and "rerun to resume" in tuned.interrupted.stderr
+    assert len(tuned.before) >= 4
+    after = (tuned.directory / schedules.RECORDS).read_text().splitlines()
+    assert after[:len(tuned.before)] == tuned.before  # nothing finished was lost or rewritten
+    assert len(after) > len(tuned.before)
+    tasks = tuned.report["tasks"]
+    assert all(t["trials"] <= TRIALS for t in tasks)  # resumed: only the remainder was tuned
+    assert sum(t["trials"] for t in tasks) == len(after)
 
 
 def test_tuning_writes_metaschedule_database_report_and_curve(tuned):
-    directory, report = tuned
+    directory, report = tuned.directory, tuned.report
     lines = schedules.check_database(directory)
     assert len(lines.workloads) == len(report["tasks"]) == 3
     rows = {int(task["inputs"].split("x", 1)[0]) for task in report["tasks"]}  # the activation's rows
@@ -66,7 +103,7 @@ def tuned_manifest(libraries, directory: Path) -> dict:
 
 
 def test_compile_applies_the_database_and_kernels_differ_from_default(tuned, libraries):
-    directory, report = tuned
+    directory, report = tuned.directory, tuned.report
     manifest = tuned_manifest(libraries, directory)
     applied = manifest["tuning_database"]
     assert set(applied["kernels"]["tuned"]) == {t["name"] for t in report["tasks"]}
@@ -85,7 +122,7 @@ def test_compile_applies_the_database_and_kernels_differ_from_default(tuned, lib
 
 
 def test_tuned_library_matches_transformers(tuned, libraries, debug_checkpoint):
-    directory, _ = tuned
+    directory = tuned.directory
     ours = qcompile.load(libraries.get(MODEL, schedules=directory), weights=debug_checkpoint)
     hf = reference.load_causal_lm(debug_checkpoint)
     chunk = tuned_manifest(libraries, directory)["prefill_chunk"]  # a full chunk runs the tuned static bucket
@@ -113,37 +150,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def test_interrupted_tuning_keeps_every_record_and_a_rerun_resumes(tmp_path):
-    directory = tmp_path / "db"
-    records = directory / schedules.RECORDS
-    command = [sys.executable, "-m", "qcompile", "tune", MODEL, "--kernels", KERNELS, "--trials", "4",
-               "--schedules", str(directory), "--json"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        # the default records of the three kernels, then the first kernel's round: the interrupt lands
-        # while the second is tuned (its round is kept), so the third is left for the rerun
-        if records.exists() and len(records.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.5)
-    assert process.poll() is None, "tuning ended before it could be interrupted"
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "rerun to resume" in err
-    before = records.read_text().splitlines()
-    assert len(before) >= 4
-
-    report = api.tune(MODEL, trials=4, schedules=directory, kernels=KERNELS, log=lambda _m: None,
-                      show_progress=False)
-    after = records.read_text().splitlines()
-    assert after[:len(before)] == before  # nothing finished was lost or rewritten
-    assert len(after) > len(before)
-    assert all(t["trials"] <= 4 for t in report["tasks"])  # resumed: only the remainder was tuned
-    assert sum(t["trials"] for t in report["tasks"]) == len(after)
-
-
 def test_damaged_database_is_a_clear_error(tuned, tmp_path):
-    directory, _ = tuned
+    directory = tuned.directory
     broken = tmp_path / "broken"
     shutil.copytree(directory, broken)
     lines = (broken / schedules.RECORDS).read_text().splitlines()
