@@ -223,11 +223,11 @@ def serve(library: str | os.PathLike, *, weights: str | os.PathLike, host: str =
     at most QUEUE_SIZE requests wait beyond the batch's free places, more are refused with 429. A library
     without the batched entry point (split or pipelined) serves one sequence at a time. MODEL_NAME: the
     id clients use (default: the library's model name)."""
-    from .build.memory import parse_memory_size  # noqa: PLC0415
     from .run import runtime  # noqa: PLC0415
     from .run.batching import SequentialEngine, engine_for  # noqa: PLC0415
     from .run.tokenizer import Tokenizer  # noqa: PLC0415
     from .serve import app, server  # noqa: PLC0415
+    from .units import parse_memory_size  # noqa: PLC0415
 
     if queue_size < 0:
         raise UserError(f"--queue-size must be >= 0, got {queue_size}")

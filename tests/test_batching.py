@@ -67,7 +67,8 @@ class FakeEngine:
         return tokens <= self.max_seq_len and self._pages(tokens) <= self.pages
 
     def can_add(self, tokens: int) -> bool:
-        return len(self.sequences) < self.max_batch and self.can_ever_hold(tokens) and self._pages(tokens) <= self._free()
+        return (len(self.sequences) < self.max_batch and self.can_ever_hold(tokens)
+                and self._pages(tokens) <= self._free())
 
     def add(self, tokens: int) -> int:
         assert self.can_add(tokens)
