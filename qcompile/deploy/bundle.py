@@ -44,8 +44,8 @@ PACKAGE_FILES = ("__init__.py", "api.py", "errors.py", "atomic.py", "units.py", 
                  "data/*.yaml", "data/targets/*.yaml",
                  # what the loader reads quantized weights with (not the kernels: TVM's compiler)
                  "quant/__init__.py", "quant/schemes.py", "quant/policy.py", "quant/choice.py")
-# The models' Relax code (blocks, graphs, rows16 modules): TVM's compiler.
-EXCLUDED = re.compile(r"^models/(layers|packing|.*_graph)\.py$")
+# The models' Relax code (blocks, paged attention, graphs, rows16 modules): TVM's compiler.
+EXCLUDED = re.compile(r"^models/(layers|packing|paged|.*_graph)\.py$")
 
 # Launcher -> the qcompile command it is.
 LAUNCHERS = {"qcompile-run": "run", "qcompile-chat": "chat", "qcompile-serve": "serve"}
