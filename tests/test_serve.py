@@ -55,7 +55,8 @@ def expected(loaded):
 @pytest.fixture(scope="module")
 def server(loaded, expected):
     model, tok = loaded
-    app = create_app(engine_for(model, max_batch=MAX_BATCH), tok, model_name="tiny", queue_size=QUEUE_SIZE)
+    app = create_app(GatedEngine(engine_for(model, max_batch=MAX_BATCH)), tok, model_name="tiny",
+                     queue_size=QUEUE_SIZE)
     with BackgroundServer(app) as url:
         yield url, app.state.worker
 
@@ -112,9 +113,8 @@ def test_chat_streaming_equals_non_streaming(client, expected):
 
 
 def test_concurrent_streams_each_get_their_own_answer(client, server, loaded):
-    """Five streaming requests at once (different prompts and lengths; as many as the queue and one batch
-    place hold) share the batch: each streams what generation gives it alone, greedy; the batch is empty
-    after."""
+    """Five streaming requests at once (different prompts and lengths) share the batch's steps: each
+    streams what generation gives it alone, greedy; the batch is empty after."""
     model, tok = loaded
     prompts = [(f"{PROMPT} {'and ' * i}jumps", 4 + 2 * i) for i in range(QUEUE_SIZE + 1)]
     alone = [greedy(model, tok, tok.encode(text), n)[0] for text, n in prompts]  # the server idles meanwhile
@@ -127,12 +127,17 @@ def test_concurrent_streams_each_get_their_own_answer(client, server, loaded):
                                            stream=True)
         texts[index] = "".join(c.choices[0].text for c in chunks)
 
+    engine = server[1].engine
+    engine.gate.clear()  # the first step waits until every request has arrived: they must share steps
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
+    wait_for(lambda: sum(server[1].scheduler.counts()) == len(prompts))
+    engine.gate.set()
     for t in threads:
         t.join(60)
     assert [texts.get(i) for i in range(len(prompts))] == alone
+    assert engine.widest == engine.max_batch == MAX_BATCH  # they shared steps
     state = health(server[0])
     assert state["queue"]["completed"] - before == len(prompts) and state["batch"]["sequences"] == 0
 
@@ -216,11 +221,11 @@ def test_errors_through_the_openai_client_and_routes(client, server):
 
 
 class GatedEngine:
-    """The real model's engine, but each step waits for `gate` and takes `step_seconds` more: requests
-    that hold the model as long as a test needs."""
+    """The real model's engine, but each step waits for `gate` and takes `step_seconds` more (requests
+    that hold the model as long as a test needs); `widest`: the most sequences one step has fed."""
 
     def __init__(self, engine, step_seconds=0.0):
-        self._engine, self.step_seconds = engine, step_seconds
+        self._engine, self.step_seconds, self.widest = engine, step_seconds, 0
         self.gate = threading.Event()
         self.gate.set()
 
@@ -230,6 +235,7 @@ class GatedEngine:
     def step(self, work):
         self.gate.wait(30)
         time.sleep(self.step_seconds)
+        self.widest = max(self.widest, len(work))
         return self._engine.step(work)
 
 

@@ -47,7 +47,7 @@ def add(sub) -> None:
                    help="memory for the batch's KV cache, e.g. 2GB (1e9 bytes) or 512MiB (2^20); a request "
                         "joins only when its prompt + max_tokens fit what is free, and one that could never "
                         "fit is refused (400). Default: room for --max-batch sequences of the library's "
-                        "max_seq_len")
+                        "max_seq_len, at most 2GiB (but always room for one)")
     p.add_argument("--model-name", help="the model id clients use (default: the library's model name)")
     p.set_defaults(func=run)
 
