@@ -15,7 +15,7 @@ import pytest
 import tokenizers
 
 from qcompile.errors import UserError
-from qcompile.run.batching import Scheduler, SequentialEngine
+from qcompile.run.batching import DEFAULT_KV_CAP_BYTES, Scheduler, SequentialEngine, default_kv_budget, engine_for
 from qcompile.run.generation import Chunk, Generation, SamplingParams, generate
 from qcompile.run.tokenizer import Tokenizer
 
@@ -271,3 +271,19 @@ def test_sequential_engine_serves_one_at_a_time(tokenizer):
     run_until_idle(scheduler)
     for (prompt, params), out in zip(REQUESTS, outs, strict=True):
         assert out.chunks == alone(tokenizer, prompt, params)
+
+
+def test_engine_choice_and_default_kv_budget():
+    """A library without the batched entry point (split, pipelined, older) gets the sequential engine;
+    the default KV budget is max_batch sequences of max_seq_len, capped, but always one sequence."""
+    decoder = FakeDecoder()
+    decoder.manifest = {"batch": None}
+    assert isinstance(engine_for(decoder, max_batch=8), SequentialEngine)
+    decoder.manifest = {"kv_cache": {"dtype": "float32", "row": [2, 64],
+                                     "layers": [{"kind": "full_attention"}] * 3 + [{"kind": "sliding_attention"}]},
+                        "batch": {"page_tokens": 16, "max_pages": 8}}
+    sequence = 2 * 64 * 4 * 2 * 3 * 16 * 8  # row x float32 x (K, V) x full layers x 128 tokens
+    assert default_kv_budget(decoder, 4) == 4 * sequence
+    assert default_kv_budget(decoder, 10 ** 6) == DEFAULT_KV_CAP_BYTES
+    decoder.manifest["batch"]["max_pages"] = 10 ** 5  # one sequence over the cap: still room for it
+    assert default_kv_budget(decoder, 8) == sequence * 10 ** 5 // 8
