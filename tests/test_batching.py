@@ -221,16 +221,20 @@ def test_admission_waits_for_kv_and_places_in_order(tokenizer):
 def test_cancel_frees_the_place_at_once(tokenizer):
     engine = FakeEngine(max_batch=1)
     scheduler = Scheduler(engine)
-    flags = {"running": False, "waiting": False}
+    flags = {"running": False, "waiting": False, "behind": False}
     running = submit(scheduler, tokenizer, [1, 2, 3], SamplingParams(max_tokens=50), lambda: flags["running"])
     waiting = submit(scheduler, tokenizer, [4], SamplingParams(max_tokens=50), lambda: flags["waiting"])
     after = submit(scheduler, tokenizer, [7, 8], SamplingParams(max_tokens=2))
+    behind = submit(scheduler, tokenizer, [9], SamplingParams(max_tokens=2), lambda: flags["behind"])
     for _ in range(3):
         scheduler.step()
-    assert len(running.chunks) == 3 and not running.done and scheduler.counts() == (2, 1)
+    assert len(running.chunks) == 3 and not running.done and scheduler.counts() == (3, 1)
+    flags["behind"] = True  # a waiting request behind others leaves the queue at the next step
+    scheduler.step()
+    assert behind.chunks == [Chunk("", [], "cancelled")] and scheduler.counts() == (2, 1)
     flags["running"] = flags["waiting"] = True
     scheduler.step()  # ends the running one, skips the cancelled waiting one, admits and prefills `after`
-    assert running.chunks[-1] == Chunk("", [], "cancelled") and len(running.chunks) == 4
+    assert running.chunks[-1] == Chunk("", [], "cancelled") and len(running.chunks) == 5
     assert waiting.chunks == [Chunk("", [], "cancelled")]  # never reached the engine
     assert engine.added == 2 and engine.removed == 1 and len(after.chunks) == 1
     run_until_idle(scheduler)

@@ -313,6 +313,20 @@ def test_disconnect_frees_the_model(gated_server):
     assert health(url)["queue"]["running"] == 0
 
 
+def test_a_request_beyond_the_kv_budget_is_a_400(loaded, server):
+    """A server whose KV budget holds 2 pages (2 x 16 tokens): a request that could never fit is refused
+    up front naming max_tokens; one that fits is answered."""
+    model, tok = loaded
+    page_bytes = engine_for(model, max_batch=1).page_bytes["full"]  # 16 tokens of every layer
+    engine = engine_for(model, max_batch=2, kv_budget_bytes=2 * page_bytes)
+    assert engine.snapshot()["kv_pages"] == 2 and engine.page_tokens == 16
+    with BackgroundServer(create_app(engine, tok, model_name="tiny")) as url:
+        error = error_of(httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 40}, timeout=30))
+        assert error["param"] == "max_tokens" and "--kv-budget" in error["message"]
+        assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 20},
+                          timeout=30).status_code == 200
+
+
 def test_load_every_request_answered_or_refused(client, server):
     """16 clients x 3 requests (half of them streaming) against a queue of 4: each answered (200) or
     refused with 429; none lost, none 5xx; the counts agree with the worker's; healthy after."""

@@ -140,23 +140,22 @@ class Scheduler:
         return True
 
     def _admit(self) -> bool:
-        """Move waiting requests into the engine, oldest first, while they fit; a waiting request that
-        ends before any work (cancelled, or max_tokens 0) is answered and dropped."""
-        progressed = False
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    return progressed
-                request = self._waiting[0]
-                if (end := request.generation.ended()) is None:
-                    if not self.engine.can_add(request.generation.tokens):
-                        return progressed
-                    request.seq = self.engine.add(request.generation.tokens)
-                    self._running.append(request)
-                self._waiting.popleft()
-            progressed = True
-            if end is not None:
-                request.deliver(end)
+        """Answer and drop the waiting requests that end before any work (cancelled, or max_tokens 0),
+        wherever they are in the queue; then move waiting requests into the engine, oldest first, while
+        they fit."""
+        with self._lock:
+            ended = [(r, end) for r in self._waiting if (end := r.generation.ended()) is not None]
+            for request, _ in ended:
+                self._waiting.remove(request)
+            admitted = 0
+            while self._waiting and self.engine.can_add(self._waiting[0].generation.tokens):
+                request = self._waiting.popleft()
+                request.seq = self.engine.add(request.generation.tokens)
+                self._running.append(request)
+                admitted += 1
+        for request, end in ended:
+            request.deliver(end)
+        return bool(ended) or admitted > 0
 
     def _end_cancelled(self) -> bool:
         with self._lock:
