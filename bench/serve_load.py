@@ -117,8 +117,8 @@ def _text(choice, chat: bool) -> str | None:
 
 async def _streamed(client, model, args) -> tuple[int, float | None, bool]:
     """(completion tokens, when the first text arrived, whether a finish_reason came)."""
-    common = dict(model=model, max_tokens=args.max_tokens, temperature=args.temperature, stream=True,
-                  stream_options={"include_usage": True})
+    common = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
+              "stream_options": {"include_usage": True}}
     if args.chat:
         stream = await client.chat.completions.create(messages=[{"role": "user", "content": args.prompt}], **common)
     else:
@@ -135,7 +135,7 @@ async def _streamed(client, model, args) -> tuple[int, float | None, bool]:
 
 
 async def _whole(client, model, args) -> tuple[int, float | None, bool]:
-    common = dict(model=model, max_tokens=args.max_tokens, temperature=args.temperature)
+    common = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.chat:
         result = await client.chat.completions.create(messages=[{"role": "user", "content": args.prompt}], **common)
     else:
