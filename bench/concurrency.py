@@ -19,7 +19,6 @@ prompt (random ids, seeded), NEW_TOKENS greedy new tokens. Per stream count S:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -57,7 +57,6 @@ def export(plan: BuildPlan, stage: Stage | None = None) -> tuple[Any, list[tuple
 
     A bucket is the bucketed entry point traced again with its dynamic dim fixed (so its kernels get
     static shapes), exported under `<function>_<size>`."""
-    from ..quant import kernels  # noqa: PLC0415
 
     spec = plan.spec
     # the families build packed weights under it (GPU: in the form dlight's rules recognise)

@@ -37,6 +37,15 @@ class _Sequence:
     window_pages: dict[int, int] = dataclasses.field(default_factory=dict)  # page index -> pool page
 
 
+def token_bytes(manifest: dict[str, Any]) -> dict[str, int]:
+    """Bytes one token's keys and values take in the library's full-attention layers ("full") and in its
+    sliding ones ("window")."""
+    cache = manifest["kv_cache"]
+    row = math.prod(cache["row"]) * np.dtype(cache["dtype"]).itemsize * 2  # K and V of one layer
+    full = sum(layer["kind"] != "sliding_attention" for layer in cache["layers"])
+    return {"full": row * full, "window": row * (len(cache["layers"]) - full)}
+
+
 class PagePool:
     """Free pages of one pool size (page numbers 0 .. pages-1)."""
 
@@ -79,13 +88,11 @@ class BatchEngine:
                          for layer in cache["layers"]]
         # Sliding pages are kept for the widest window (the families give all sliding layers one).
         self.window = max((w for w in self._windows if w is not None), default=None)
-        row_bytes = math.prod(cache["row"]) * np.dtype(cache["dtype"]).itemsize * 2  # K and V of one token
-        self.page_bytes = {"full": row_bytes * self.page_tokens * self._windows.count(None),
-                           "window": row_bytes * self.page_tokens * (len(self._windows) - self._windows.count(None))}
+        self.page_bytes = {kind: b * self.page_tokens for kind, b in token_bytes(decoder.manifest).items()}
         full_pages = max_batch * self.max_pages
         if kv_budget_bytes is not None:
             if self.page_bytes["full"] and kv_budget_bytes < self.page_bytes["full"]:
-                raise UserError(f"kv budget {kv_budget_bytes} bytes is less than one page "
+                raise UserError(f"--kv-budget {kv_budget_bytes} bytes is less than one page of the KV cache "
                                 f"({self.page_bytes['full']} bytes: {self.page_tokens} tokens of every layer)")
             full_pages = kv_budget_bytes // max(self.page_bytes["full"], 1)
         self._full = PagePool(full_pages if self.page_bytes["full"] else 1)

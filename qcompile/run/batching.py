@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -230,10 +229,10 @@ def default_kv_budget(decoder: Any, max_batch: int) -> int:
     """Bytes of KV cache for `max_batch` sequences of the library's max_seq_len (its full-attention
     layers, in whole pages), capped at DEFAULT_KV_CAP_BYTES but never below one such sequence, so every
     request the context allows can run."""
-    cache, batch = decoder.manifest["kv_cache"], decoder.manifest["batch"]
-    full_layers = sum(layer["kind"] != "sliding_attention" for layer in cache["layers"])
-    token_bytes = math.prod(cache["row"]) * np.dtype(cache["dtype"]).itemsize * 2 * full_layers  # K and V
-    sequence = token_bytes * batch["page_tokens"] * batch["max_pages"]
+    from .batch import token_bytes  # noqa: PLC0415 (the TVM runtime's side)
+
+    batch = decoder.manifest["batch"]
+    sequence = token_bytes(decoder.manifest)["full"] * batch["page_tokens"] * batch["max_pages"]
     return max(sequence, min(max_batch * sequence, DEFAULT_KV_CAP_BYTES))
 
 
