@@ -214,17 +214,29 @@ def generate_chunks(model, prompt_ids: list[int], params, *, cancelled: Callable
 
 
 def serve(library: str | os.PathLike, *, weights: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-          queue_size: int = 16, model_name: str | None = None, log: Log = print) -> None:
+          queue_size: int = 16, max_batch: int = 8, kv_budget: int | str | None = None,
+          model_name: str | None = None, log: Log = print) -> None:
     """Serve a decoder LIBRARY with the HF checkpoint WEIGHTS (which holds its tokenizer files) over an
-    OpenAI-compatible HTTP API on HOST:PORT (port 0: any free port) until interrupted. One sequence runs
-    at a time; at most QUEUE_SIZE requests wait, more are refused with 429. MODEL_NAME: the id clients
-    use (default: the library's model name)."""
+    OpenAI-compatible HTTP API on HOST:PORT (port 0: any free port) until interrupted. Requests run in a
+    continuous batch of at most MAX_BATCH sequences whose KV cache fits KV_BUDGET (bytes, or a size such
+    as "2GB"; None: room for MAX_BATCH sequences of the library's max_seq_len, at most 2 GiB but always
+    room for one: `run.batching.default_kv_budget`);
+    at most QUEUE_SIZE requests wait beyond the batch's free places, more are refused with 429. A library
+    without the batched entry point (split or pipelined) serves one sequence at a time. MODEL_NAME: the
+    id clients use (default: the library's model name)."""
     from .run import runtime  # noqa: PLC0415
+    from .run.batching import SequentialEngine, engine_for  # noqa: PLC0415
     from .run.tokenizer import Tokenizer  # noqa: PLC0415
     from .serve import app, server  # noqa: PLC0415
+    from .units import parse_memory_size  # noqa: PLC0415
 
     if queue_size < 0:
         raise UserError(f"--queue-size must be >= 0, got {queue_size}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise UserError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
+    kv_budget_bytes = parse_memory_size(kv_budget, "--kv-budget") if isinstance(kv_budget, str) else kv_budget
+    if kv_budget_bytes is not None and kv_budget_bytes <= 0:
+        raise UserError(f"--kv-budget must be more than 0 bytes, got {kv_budget!r}")
     spec, directory = resolve_runnable(library)
     if directory is None:
         raise UserError(f"{library}: not a library directory (serve takes what `qcompile compile -o` wrote)")
@@ -234,12 +246,15 @@ def serve(library: str | os.PathLike, *, weights: str | os.PathLike, host: str =
     sock = server.bind(host, port)
     try:
         model = runtime.load(directory, weights=weights)
-        application = app.create_app(model, tokenizer, model_name=model_name, queue_size=queue_size)
+        engine = engine_for(model, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes)
+        application = app.create_app(engine, tokenizer, model_name=model_name, queue_size=queue_size)
     except BaseException:
         sock.close()
         raise
+    batch = f"batch {engine.max_batch}" + (" (the library has no batched entry point)"
+                                           if isinstance(engine, SequentialEngine) and max_batch > 1 else "")
     log(f"serving {model_name or spec.name} on {server.url_of(sock)}/v1 (context {model.max_seq_len} tokens, "
-        f"queue {queue_size}); Ctrl-C stops")
+        f"{batch}, queue {queue_size}); Ctrl-C stops")
     server.run(application, sock)
 
 

@@ -224,3 +224,25 @@ def test_engine_writes_the_ggufs_once_and_reports_llama_bench_figures(tmp_path, 
     bench._add_fractions(figures, {"decode_tokens_per_s": 8.0, "prefill_seconds": 1.0})
     assert figures["decode_fraction_of_limit"] == pytest.approx(0.8 / 32)
     assert figures["prefill_fraction_of_limit"] == pytest.approx(0.5)
+
+
+FAKE_BATCHED_BENCH = """#!{python}
+# Stands in for llama-batched-bench: checks the command line, answers one JSON line per -npl count.
+import json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+assert args["--output-format"] == "jsonl" and args["-m"].endswith(".gguf"), sys.argv
+pp, tg = int(args["-npp"]), int(args["-ntg"])
+assert int(args["-c"]) >= max(map(int, args["-npl"].split(","))) * (pp + tg), sys.argv
+for pl in map(int, args["-npl"].split(",")):
+    print(json.dumps(dict(n_kv_max=int(args["-c"]), pp=pp, tg=tg, pl=pl, t_pp=0.5 * pl, speed_pp=pp / 0.5,
+                          t_tg=tg / (10.0 * pl), speed_tg=10.0 * pl, t=1.0, speed=1.0)))
+"""
+
+
+def test_batched_bench_reports_aggregate_decode_per_stream_count(tmp_path):
+    tool = tmp_path / llamacpp.BATCHED_BENCH
+    tool.write_text(FAKE_BATCHED_BENCH.format(python=sys.executable))
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    rows = llamacpp.run_batched_bench(tool=tool, gguf=tmp_path / "f32.gguf", prompt_len=128, decode_tokens=32,
+                                      streams=[1, 4, 8], threads=2)
+    assert rows == [{"streams": s, "prefill_seconds": 0.5 * s, "decode_tokens_per_s": 10.0 * s} for s in (1, 4, 8)]

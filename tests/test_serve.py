@@ -18,12 +18,14 @@ import pytest
 
 import qcompile
 from qcompile.cli import main
+from qcompile.run.batching import engine_for
 from qcompile.run.generation import SamplingParams, generate
 from qcompile.run.tokenizer import Tokenizer
 from qcompile.serve.app import create_app
 from qcompile.serve.server import BackgroundServer
 
 QUEUE_SIZE = 4
+MAX_BATCH = 4
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,8 @@ def expected(loaded):
 @pytest.fixture(scope="module")
 def server(loaded, expected):
     model, tok = loaded
-    app = create_app(model, tok, model_name="tiny", queue_size=QUEUE_SIZE)
+    app = create_app(GatedEngine(engine_for(model, max_batch=MAX_BATCH)), tok, model_name="tiny",
+                     queue_size=QUEUE_SIZE)
     with BackgroundServer(app) as url:
         yield url, app.state.worker
 
@@ -74,6 +77,7 @@ def test_models_and_health(client, server):
     assert client.models.retrieve("tiny").max_model_len == 256
     state = health(server[0])
     assert state["status"] == "ok" and state["model"] == "tiny" and state["queue"]["queue_size"] == QUEUE_SIZE
+    assert state["batch"]["sequences"] == 0 and state["batch"]["max_batch"] == server[1].engine.max_batch
 
 
 def test_completion_is_what_generation_gives(client, loaded, expected):
@@ -106,6 +110,36 @@ def test_chat_streaming_equals_non_streaming(client, expected):
     assert with_choices[-1].choices[0].finish_reason == finish
     assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (
         expected["chat_prompt_tokens"], tokens)
+
+
+def test_concurrent_streams_each_get_their_own_answer(client, server, loaded):
+    """Five streaming requests at once (different prompts and lengths) share the batch's steps: each
+    streams what generation gives it alone, greedy; the batch is empty after."""
+    model, tok = loaded
+    prompts = [(f"{PROMPT} {'and ' * i}jumps", 4 + 2 * i) for i in range(QUEUE_SIZE + 1)]
+    alone = [greedy(model, tok, tok.encode(text), n)[0] for text, n in prompts]  # the server idles meanwhile
+    before = health(server[0])["queue"]["completed"]
+    texts: dict[int, str] = {}
+
+    def stream(index):
+        text, max_tokens = prompts[index]
+        chunks = client.completions.create(model="tiny", prompt=text, max_tokens=max_tokens, temperature=0,
+                                           stream=True)
+        texts[index] = "".join(c.choices[0].text for c in chunks)
+
+    engine = server[1].engine
+    engine.gate.clear()  # the first step waits until every request has arrived: they must share steps
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(server[1].scheduler.counts()) == len(prompts))
+    engine.gate.set()
+    for t in threads:
+        t.join(60)
+    assert [texts.get(i) for i in range(len(prompts))] == alone
+    assert engine.widest == engine.max_batch == MAX_BATCH  # they shared steps
+    state = health(server[0])
+    assert state["queue"]["completed"] - before == len(prompts) and state["batch"]["sequences"] == 0
 
 
 def test_completion_stream_wire_format(server, expected):
@@ -186,32 +220,31 @@ def test_errors_through_the_openai_client_and_routes(client, server):
     assert health(server[0])["status"] == "ok"
 
 
-class GatedModel:
-    """The real model, but prefill waits for `gate` and every decode step takes `step_seconds`: a request
-    that holds the model as long as a test needs."""
+class GatedEngine:
+    """The real model's engine, but each step waits for `gate` and takes `step_seconds` more (requests
+    that hold the model as long as a test needs); `widest`: the most sequences one step has fed."""
 
-    def __init__(self, model, step_seconds=0.0):
-        self._model, self.step_seconds = model, step_seconds
+    def __init__(self, engine, step_seconds=0.0):
+        self._engine, self.step_seconds, self.widest = engine, step_seconds, 0
         self.gate = threading.Event()
         self.gate.set()
 
     def __getattr__(self, name):
-        return getattr(self._model, name)
+        return getattr(self._engine, name)
 
-    def prefill(self, ids):
+    def step(self, work):
         self.gate.wait(30)
-        return self._model.prefill(ids)
-
-    def decode(self, token):
         time.sleep(self.step_seconds)
-        return self._model.decode(token)
+        self.widest = max(self.widest, len(work))
+        return self._engine.step(work)
 
 
 @pytest.fixture
 def gated_server(loaded, server):
-    """A second server on the same loaded model (the first one idles meanwhile), queue of 1."""
+    """A second server on the same loaded model (the first one idles meanwhile): one sequence at a time,
+    queue of 1."""
     model, tok = loaded
-    gated = GatedModel(model)
+    gated = GatedEngine(engine_for(model, max_batch=1))
     app = create_app(gated, tok, model_name="tiny", queue_size=1)
     with BackgroundServer(app) as url:
         yield url, app.state.worker, gated
@@ -280,6 +313,20 @@ def test_disconnect_frees_the_model(gated_server):
     assert health(url)["queue"]["running"] == 0
 
 
+def test_a_request_beyond_the_kv_budget_is_a_400(loaded, server):
+    """A server whose KV budget holds 2 pages (2 x 16 tokens): a request that could never fit is refused
+    up front naming max_tokens; one that fits is answered."""
+    model, tok = loaded
+    page_bytes = engine_for(model, max_batch=1).page_bytes["full"]  # 16 tokens of every layer
+    engine = engine_for(model, max_batch=2, kv_budget_bytes=2 * page_bytes)
+    assert engine.snapshot()["kv_pages"] == 2 and engine.page_tokens == 16
+    with BackgroundServer(create_app(engine, tok, model_name="tiny")) as url:
+        error = error_of(httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 40}, timeout=30))
+        assert error["param"] == "max_tokens" and "--kv-budget" in error["message"]
+        assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 20},
+                          timeout=30).status_code == 200
+
+
 def test_load_every_request_answered_or_refused(client, server):
     """16 clients x 3 requests (half of them streaming) against a queue of 4: each answered (200) or
     refused with 429; none lost, none 5xx; the counts agree with the worker's; healthy after."""
@@ -331,6 +378,8 @@ def test_cli_user_errors(capsys, text_library, debug_checkpoint, text_checkpoint
     user_error("tokenizer", "serve", text_library, "--weights", debug_checkpoint)  # no tokenizer files
     user_error("--port", "serve", text_library, "--weights", text_checkpoint, "--port", "70000")
     user_error("--queue-size", "serve", text_library, "--weights", text_checkpoint, "--queue-size", "-1")
+    user_error("--max-batch", "serve", text_library, "--weights", text_checkpoint, "--max-batch", "0")
+    user_error("--kv-budget", "serve", text_library, "--weights", text_checkpoint, "--kv-budget", "lots")
     user_error("not a library directory", "serve", "qwen2-debug", "--weights", text_checkpoint)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -57,7 +57,6 @@ def export(plan: BuildPlan, stage: Stage | None = None) -> tuple[Any, list[tuple
 
     A bucket is the bucketed entry point traced again with its dynamic dim fixed (so its kernels get
     static shapes), exported under `<function>_<size>`."""
-    from ..quant import kernels  # noqa: PLC0415
 
     spec = plan.spec
     # the families build packed weights under it (GPU: in the form dlight's rules recognise)
@@ -102,6 +101,17 @@ def kv_cache_manifest(plan: BuildPlan) -> dict[str, Any] | None:
     cfg = plan.model_config  # one shard's when split: its share of the kv heads
     return {"layers": cfg.kv_cache_layout(plan.max_seq_len), "dtype": plan.dtype,
             "row": [cfg.num_key_value_heads, cfg.resolved_head_dim]}
+
+
+def batch_manifest(plan: BuildPlan) -> dict[str, Any] | None:
+    """A decoder's batched entry point (`CausalLM.batch_step`) and its page geometry, as the runtime's
+    batch engine needs them; None for an encoder or a split (tensor-parallel / pipelined) library."""
+    if not plan.spec.kind.has_sequence or plan.parallel or plan.stages:
+        return None
+    from ..models import decoder_graph, paged  # noqa: PLC0415
+
+    return {"function": "batch_step", "page_tokens": paged.PAGE_TOKENS,
+            "max_pages": decoder_graph.max_pages(plan.max_seq_len)}
 
 
 def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, Any]:
@@ -168,6 +178,7 @@ def write_library(plan: BuildPlan, directory: Path, *, log=print) -> dict[str, A
         "versions": versions(),
         "buckets": plan.buckets,
         "kv_cache": kv_cache_manifest(plan),
+        "batch": batch_manifest(plan),
         "device_code": device_code,
         "tuning_database": ({**plan.schedules.as_json(), "kernels": report.as_json()}
                             if plan.schedules else None),

@@ -39,22 +39,12 @@ from ..quant.checkpoint import stored_layout
 from ..quant.policy import is_quantized
 from ..spec.model import ModelSpec
 from ..spec.target import TargetSpec
+from ..units import parse_memory_size  # noqa: F401 (--device-memory; api and tests import it from here)
 from ..parallel.stages import partition
 
 F32 = 4
 DEFAULT_PREFILL_CHUNK = 256
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-
-
-def parse_memory_size(text: str, option: str = "--device-memory") -> int:
-    """'141GB' -> 141e9 bytes, '80GiB' -> 80 * 2^30, '1000' -> bytes (GB = 1e9, GiB = 2^30; a bare 'G'
-    is refused as ambiguous)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not match or match.group(2) not in ("", *_UNITS):
-        raise UserError(f"{option}: {text!r} is not a size (e.g. 141GB = 141e9 bytes, 80GiB = 80 x 2^30 bytes)")
-    return int(float(match.group(1)) * _UNITS[match.group(2) or "b"])
 
 
 def _used_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

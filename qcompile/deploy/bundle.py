@@ -38,14 +38,14 @@ LIBRARIES, RUNTIME, PYTHON = "libraries", "runtime", "python"
 # The runtime part of the qcompile package, as globs under it; a glob's files minus EXCLUDED. Whatever is
 # not listed stays out: the compiler side (build/ but the library format, tune/, measure/, the models'
 # Relax graphs and blocks), the other commands, the committed tuning databases.
-PACKAGE_FILES = ("__init__.py", "api.py", "errors.py", "atomic.py", "spec/*.py", "models/*.py", "run/*.py",
-                 "serve/*.py", "build/__init__.py", "build/library.py", "cli/__init__.py", "cli/common.py",
+PACKAGE_FILES = ("__init__.py", "api.py", "errors.py", "atomic.py", "units.py", "spec/*.py", "models/*.py",
+                 "run/*.py", "serve/*.py", "build/__init__.py", "build/library.py", "cli/__init__.py", "cli/common.py",
                  "cli/sampling.py", "cli/run.py", "cli/chat.py", "cli/serve.py", "data/__init__.py",
                  "data/*.yaml", "data/targets/*.yaml",
                  # what the loader reads quantized weights with (not the kernels: TVM's compiler)
                  "quant/__init__.py", "quant/schemes.py", "quant/policy.py", "quant/choice.py")
-# The models' Relax code (blocks, graphs, rows16 modules): TVM's compiler.
-EXCLUDED = re.compile(r"^models/(layers|packing|.*_graph)\.py$")
+# The models' Relax code (blocks, paged attention, graphs, rows16 modules): TVM's compiler.
+EXCLUDED = re.compile(r"^models/(layers|packing|paged|.*_graph)\.py$")
 
 # Launcher -> the qcompile command it is.
 LAUNCHERS = {"qcompile-run": "run", "qcompile-chat": "chat", "qcompile-serve": "serve"}

@@ -50,6 +50,9 @@ LLAMA_CPP_PYTHON = "0.3.36"
 ENV = "QCOMPILE_LLAMA_CPP"
 VOCAB = "ggml-vocab-qwen2.gguf"
 TOOLS = ("llama-bench", "llama-quantize")
+# Built with them, but not required of a build (caches from before it, $QCOMPILE_LLAMA_CPP trees): what
+# `bench/concurrency.py` compares against (aggregate decode of several sequences at once).
+BATCHED_BENCH = "llama-batched-bench"
 # The notes' verified configuration, plus:
 # - static libraries: the binaries carry no RPATH into the build tree and still run after it is removed;
 # - no AMX kernels: on AMX CPUs (this build machine's included) this llama.cpp segfaults in
@@ -77,6 +80,7 @@ class Tools:
     quantize: Path
     vocab: Path  # the vocab-only GGUF holding Qwen2's tokenizer
     origin: str  # where they came from: the cache directory or $QCOMPILE_LLAMA_CPP
+    batched_bench: Path | None = None  # llama-batched-bench, where the build has it
 
 
 def engine_names(quants: tuple[str, ...]) -> tuple[str, ...]:
@@ -101,7 +105,9 @@ def tools(log: Log = print) -> Tools:
         with _lock(root / f"{LLAMA_CPP_PYTHON}.lock"):
             if not _complete(final):  # another process may have built it while we waited
                 _build(root, final, log)
-    return Tools(final / "bin" / TOOLS[0], final / "bin" / TOOLS[1], final / VOCAB, str(final))
+    batched = final / "bin" / BATCHED_BENCH
+    return Tools(final / "bin" / TOOLS[0], final / "bin" / TOOLS[1], final / VOCAB, str(final),
+                 batched if batched.is_file() else None)
 
 
 def _complete(directory: Path) -> bool:
@@ -126,7 +132,9 @@ def _existing(directory: Path) -> Tools:
     vocab = next((p / VOCAB for p in places if (p / VOCAB).is_file()), None)
     if vocab is None:
         raise UserError(f"{ENV}={directory}: no models/{VOCAB} in it or its parents (the llama.cpp tree has one)")
-    return Tools(found[TOOLS[0]], found[TOOLS[1]], vocab, f"{ENV}={directory}")
+    batched = found[TOOLS[0]].parent / BATCHED_BENCH
+    return Tools(found[TOOLS[0]], found[TOOLS[1]], vocab, f"{ENV}={directory}",
+                 batched if batched.is_file() else None)
 
 
 @contextlib.contextmanager
@@ -167,12 +175,12 @@ def _build(root: Path, final: Path, log: Log) -> None:
         _run_logged(["cmake", "-S", str(src), "-B", str(src / "build"), *CMAKE_FLAGS], out, log_file, log)
         jobs = str(len(os.sched_getaffinity(0)))
         log(f"llama.cpp: building {' and '.join(TOOLS)} with {jobs} jobs (~10 minutes on 2 cores, once)")
-        _run_logged(["cmake", "--build", str(src / "build"), "-j", jobs, "--target", *TOOLS],
+        _run_logged(["cmake", "--build", str(src / "build"), "-j", jobs, "--target", *TOOLS, BATCHED_BENCH],
                     out, log_file, log, percent=True)
     seconds = time.monotonic() - start
     with atomic_dir(final, replaceable=lambda d: not _complete(d)) as tmp:
         (tmp / "bin").mkdir()
-        for tool in TOOLS:
+        for tool in (*TOOLS, BATCHED_BENCH):
             shutil.copy2(src / "build" / "bin" / tool, tmp / "bin" / tool)
         shutil.copy2(src / "models" / VOCAB, tmp / VOCAB)
         write_json(tmp / "build.json", {"llama_cpp_python": LLAMA_CPP_PYTHON, "cmake_flags": list(CMAKE_FLAGS),
@@ -313,6 +321,29 @@ def run_bench(*, llama_bench: str, gguf: str, prompt_len: int, decode_tokens: in
     # carries the spawning process's peak across exec, so it is at least this Python's: ~40 MB.)
     figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return figures
+
+
+def run_batched_bench(*, tool: Path, gguf: Path, prompt_len: int, decode_tokens: int, streams: list[int],
+                      threads: int) -> list[dict[str, Any]]:
+    """`llama-batched-bench`: for each count of sequences B, B prompts of prompt_len tokens (one batch),
+    then decode_tokens steps decoding all B at once. Per B: {"streams", "prefill_seconds" (all B
+    prompts), "decode_tokens_per_s" (aggregate over the B sequences)}. Its defaults stay (f16 KV cache,
+    flash attention auto), as for llama-bench."""
+    context = max(streams) * (prompt_len + decode_tokens)
+    command = [str(tool), "-m", str(gguf), "-c", str(context), "-b", "2048", "-ub", "512", "-npp", str(prompt_len),
+               "-ntg", str(decode_tokens), "-npl", ",".join(map(str, streams)), "-t", str(threads),
+               "--output-format", "jsonl"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BENCH_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"llama-batched-bench did not finish in {BENCH_TIMEOUT} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"llama-batched-bench failed on {gguf}: {last}")
+    rows = [json.loads(line) for line in (done.stdout + done.stderr).splitlines() if line.startswith('{"n_kv_max"')]
+    if sorted(r["pl"] for r in rows) != sorted(streams):
+        raise UserError(f"llama-batched-bench printed results for {[r['pl'] for r in rows]}, asked {streams}")
+    return [{"streams": r["pl"], "prefill_seconds": r["t_pp"], "decode_tokens_per_s": r["speed_tg"]} for r in rows]
 
 
 def parse_bench_json(text: str, *, prompt_len: int, decode_tokens: int) -> dict[str, Any]:

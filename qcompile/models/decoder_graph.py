@@ -13,7 +13,8 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from .decoder import DecoderConfig
 from ..quant import kernels as packed
-from .layers import F32, CausalSelfAttention, RMSNorm
+from . import paged
+from .layers import F32, CausalSelfAttention, RMSNorm, gather
 
 
 def attention(cfg: DecoderConfig, window: int | None, dtype: str, *, qkv_bias: bool, o_bias: bool = False,
@@ -45,6 +46,12 @@ class DecoderLayer(nn.Module):
         x = x + self._whole(attn)
         return x + self._whole(self.mlp(self.post_attention_layernorm(x))), k_cache, v_cache
 
+    def forward_paged(self, x: Tensor, step: paged.Step, k_pool: Tensor, v_pool: Tensor):
+        """The same block for a batch step's tokens, attention over paged pools (`models.paged`)."""
+        attn, k_pool, v_pool = paged.self_attention(self.self_attn, self.input_layernorm(x), step, k_pool, v_pool)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), k_pool, v_pool
+
     def _whole(self, partial: Tensor) -> Tensor:
         return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
 
@@ -66,7 +73,12 @@ class CausalLM(nn.Module):
     written in this sequence, so a new sequence starts by passing position 0.
     Returns float32 logits [n, vocab] for every new position, and the buffers (the same memory: Relax
     needs the in-place results used, or it would drop the writes).
+
+    `batch_step` runs several sequences in one call over a paged cache (`models.paged`; not on a
+    tensor-parallel shard): see its docstring.
     """
+
+    batched = True  # export batch_step (a tensor-parallel shard does not: its runtime runs one sequence)
 
     def __init__(self, cfg: DecoderConfig, layers: list[DecoderLayer], dtype: str):
         self.cfg, self.dtype = cfg, dtype
@@ -78,6 +90,7 @@ class CausalLM(nn.Module):
         """Make this (built with one shard's config) one of `shards` tensor-parallel shards."""
         for layer in self.model.layers:
             layer.shards = shards
+        self.batched = False
 
     def _forward(self, input_ids: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
         x, written = run_layers(self.model.layers, self.model.embed_tokens(input_ids), position, kv_cache)
@@ -89,11 +102,30 @@ class CausalLM(nn.Module):
     def decode(self, input_ids: Tensor, position: tir.PrimExpr, kv_cache: list[Tensor]):
         return self._forward(input_ids, position, kv_cache)
 
+    def batch_step(self, input_ids: Tensor, positions: Tensor, token_seq: Tensor, logit_rows: Tensor,
+                   page_table: Tensor, window_table: Tensor, first_position: tir.PrimExpr,
+                   columns: tir.PrimExpr, kv_pages: list[Tensor]):
+        """n tokens of b sequences: input_ids, positions, token_seq [n] int32 (token i: its sequence's
+        page-table row and its position there), logit_rows [b] int32 (the row whose logits each sequence
+        wants: its last token's), page tables [b, max_pages] int32 (full layers', sliding layers'),
+        first_position / columns (the step's lowest position, highest + 1), kv_pages: per layer K and V
+        pools [pages, PAGE_TOKENS, kv, d] (pages: `full_pages` on a full layer, `window_pages` on a
+        sliding one). Writes the tokens' keys and values into their pages; returns float32 logits
+        [b, vocab] and the pools (the same memory)."""
+        step = paged.Step(positions, token_seq, page_table, window_table, first_position, columns)
+        x = self.model.embed_tokens(input_ids)
+        written = []
+        for i, layer in enumerate(self.model.layers):
+            x, k_pool, v_pool = layer.forward_paged(x, step, kv_pages[2 * i], kv_pages[2 * i + 1])
+            written += [k_pool, v_pool]
+        return logits(self.cfg, self.model, getattr(self, "lm_head", None), gather(x, logit_rows)), written
+
     def export_spec(self, max_seq_len: int) -> dict[str, Any]:
         """The entry points' argument specs for `export_tvm` (n and position symbolic; the cache buffers
         static, sized for `max_seq_len`; weights packed last)."""
-        return entry_specs(self.cfg, self.dtype, self.cfg.kv_cache_layout(max_seq_len), hidden_in=False,
-                           name="input_ids")
+        specs = entry_specs(self.cfg, self.dtype, self.cfg.kv_cache_layout(max_seq_len), hidden_in=False,
+                            name="input_ids")
+        return {**specs, "batch_step": batch_step_spec(self.cfg, self.dtype, max_seq_len)} if self.batched else specs
 
     def pipeline_stage(self, first_layer: int, end_layer: int, is_first: bool, is_last: bool) -> PipelineStage:
         """Layers first_layer..end_layer-1 as one pipeline stage (with the embedding if first, the final
@@ -132,6 +164,24 @@ def entry_specs(cfg: DecoderConfig, dtype: str, layers: list[dict[str, Any]], hi
 
     return {"prefill": {**first("n"), "position": nn.spec.Int(), "kv_cache": cache, "$": modes},
             "decode": {**first(1), "position": nn.spec.Int(), "kv_cache": list(cache), "$": modes}}
+
+
+def max_pages(max_seq_len: int) -> int:
+    """Pages a page-table row holds: enough for max_seq_len positions."""
+    return -(-max_seq_len // paged.PAGE_TOKENS)
+
+
+def batch_step_spec(cfg: DecoderConfig, dtype: str, max_seq_len: int) -> dict[str, Any]:
+    """`CausalLM.batch_step`'s argument specs: n tokens, b sequences and the pools' page counts symbolic
+    (the runtime sizes the pools for its batch and memory budget)."""
+    tokens = {name: nn.spec.Tensor(["n"], "int32") for name in ("input_ids", "positions", "token_seq")}
+    table = nn.spec.Tensor(["b", max_pages(max_seq_len)], "int32")
+    page = [paged.PAGE_TOKENS, cfg.num_key_value_heads, cfg.resolved_head_dim]
+    pools = [nn.spec.Tensor(["full_pages" if window is None else "window_pages", *page], dtype)
+             for window in cfg.layer_windows() for _ in ("k", "v")]
+    return {**tokens, "logit_rows": nn.spec.Tensor(["b"], "int32"), "page_table": table, "window_table": table,
+            "first_position": nn.spec.Int(), "columns": nn.spec.Int(), "kv_pages": pools,
+            "$": {"param_mode": "packed", "effect_mode": "none"}}
 
 
 class StageModel(nn.Module):

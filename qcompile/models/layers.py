@@ -73,23 +73,25 @@ class SwiGLU(nn.Module):
         return self.down_proj(op.silu(gate) * up)
 
 
-def apply_rope(x: Tensor, offset: tir.PrimExpr, theta: float) -> Tensor:
+def apply_rope(x: Tensor, offset: tir.PrimExpr | Tensor, theta: float) -> Tensor:
     """Rotary position embedding, HF's default type in rotate_half form.
 
-    x: [n, heads, head_dim]; row i is at position offset + i. As HF computes it, in float32:
+    x: [n, heads, head_dim]; row i is at position offset + i, or, given a tensor of positions [n] int32
+    (a batch of sequences, `models.paged`), at positions[i]. As HF computes it, in float32:
     inv_freq[k] = 1 / theta^(2k / head_dim), angle = position * inv_freq[k mod head_dim/2],
     out = x * cos(angle) + rotate_half(x) * sin(angle), rotate_half(x) = [-x2, x1].
     """
 
-    def compute(x: te.Tensor, offset: tir.PrimExpr):
+    def compute(x: te.Tensor, offset):
         _, _, dim = x.shape
         half = dim // 2
+        position = (lambda i: offset[i]) if isinstance(offset, te.Tensor) else (lambda i: offset + i)
 
         def element(i, h, d):
             k = tir.floormod(d, half)
             exponent = (2 * k).astype(F32) / tir.const(int(dim), F32)
             inv_freq = tir.const(1.0, F32) / tir.power(tir.const(theta, F32), exponent)
-            angle = (offset + i).astype(F32) * inv_freq
+            angle = position(i).astype(F32) * inv_freq
             rotated = tir.if_then_else(d < half, -x[i, h, d + half], x[i, h, d - half])
             value = x[i, h, d].astype(F32) * tir.cos(angle) + rotated.astype(F32) * tir.sin(angle)
             return value.astype(x.dtype)
@@ -296,19 +298,23 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
 
-    def forward(self, x: Tensor, position: tir.PrimExpr, k_cache: Tensor,
-                v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [n, hidden] at positions position .., k_cache/v_cache [slots, kv, d] -> (out [n, hidden], the
-        buffers with the chunk written in)."""
+    def project(self, x: Tensor, position: tir.PrimExpr | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [n, hidden] -> q [n, h, d], k and v [n, kv, d]: the fused projection, the Qwen3 q/k norms, and
+        RoPE at positions position .. (or at positions[i] per row, `apply_rope`)."""
         n = x.shape[0]
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qkv = op.reshape(self.qkv_proj(x), (n, h + 2 * kv, d))
         q, k, v = op.split(qkv, [h, h + kv], axis=1)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, position, self.rope_theta)
-        k = apply_rope(k, position, self.rope_theta)
+        return apply_rope(q, position, self.rope_theta), apply_rope(k, position, self.rope_theta), v
 
+    def forward(self, x: Tensor, position: tir.PrimExpr, k_cache: Tensor,
+                v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [n, hidden] at positions position .., k_cache/v_cache [slots, kv, d] -> (out [n, hidden], the
+        buffers with the chunk written in)."""
+        n, h, d = x.shape[0], self.heads, self.head_dim
+        q, k, v = self.project(x, position)
         slots = int(k_cache.shape[0])
         scores = attention_scores(q, k_cache, k, position) * (1.0 / math.sqrt(d))  # [h, n, columns] float32
         probs = attention_probs(masked_scores(scores, position, slots, self.window)).astype(x.dtype)

@@ -1,5 +1,9 @@
-"""Text generation for one sequence: sampling parameters, the token loop, streamed text chunks, stop
-conditions (stop tokens, stop strings, max tokens, cancellation).
+"""Text generation: sampling parameters, the token loop, streamed text chunks, stop conditions (stop
+tokens, stop strings, max tokens, cancellation).
+
+`Generation` is one request's state machine: fed the logits of each model step, it picks the next
+token and says what to feed next; it holds the request's sampler, stop conditions and text, so one
+sequence (`generate`, here) and a batch of them (`run.batching.Scheduler`) share the same logic.
 
 `generate(model, tokenizer, prompt_ids, params)` checks everything it can before any work (so a caller
 can refuse a request up front) and returns an iterator of `Chunk`s: the text each new token completes,
@@ -15,6 +19,8 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from ..errors import UserError
 from .sampling import Sampler
@@ -125,68 +131,128 @@ class _Text:
         return text if stopped else text + self.stops.flush()
 
 
+class Generation:
+    """One request's generation as a state machine that is fed logits: it samples each next token (its
+    own Sampler and seed), streams its text, and decides when the request ends (stop token, stop string,
+    max tokens, cancellation). Whoever drives it runs the model: the prompt first (`prompt`), then each
+    token it names (`next_token`), handing back the logits that predict the following one (`feed`).
+    `generate()` drives one with a Decoder's prefill/decode; `run.batching.Scheduler` drives many at once.
+
+    Made only for a request that passes every check (UserError otherwise), before any model work.
+    `model` is what runs it: anything with `vocab_size`, `max_seq_len` and `spec.name` (a Decoder, a
+    BatchEngine). `cancelled()` is asked before every model step (`ended()`)."""
+
+    def __init__(self, model: Any, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+                 cancelled: Callable[[], bool] = lambda: False):
+        params.check()
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise UserError("prompt: no tokens to start from (empty text)")
+        if len(prompt) + params.max_tokens > model.max_seq_len:
+            raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                            f"library's max_seq_len {model.max_seq_len}")
+        bad = [i for i in [*prompt, *params.stop_token_ids] if not 0 <= i < model.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is out of range 0..{model.vocab_size - 1} of {model.spec.name}")
+        self.prompt, self.params, self.cancelled = prompt, params, cancelled
+        self._stop_ids = set(tokenizer.eos_token_ids) | set(params.stop_token_ids)
+        self._text = _Text(tokenizer.stream(), params.stop)
+        self._sampler = Sampler(params, prompt, model.vocab_size)
+        self.generated: list[int] = []
+        self.next_token: int | None = None  # the token to feed the model next (None: the prompt, or ended)
+        self.finish_reason: str | None = None  # set once the last chunk has been made
+        # Time spent on this request: the model's steps as the driver reports them (`spent`), and this
+        # object's own work (sampling, detokenising); the prompt's steps count as prefill.
+        self.prefill_seconds = self.decode_seconds = 0.0
+
+    @property
+    def tokens(self) -> int:
+        """Prompt + max_tokens: the most the sequence can hold (what a KV cache must reserve)."""
+        return len(self.prompt) + self.params.max_tokens
+
+    def ended(self) -> Chunk | None:
+        """Asked before each model step: the request's last chunk if it ends without that step (it was
+        cancelled, or max_tokens is 0); None to go on."""
+        if self.finish_reason is None and not self.generated and self.params.max_tokens == 0:
+            return self._last("", [], "length")
+        if self.finish_reason is None and self.cancelled():
+            return self._last(self._text.finish(), [], "cancelled")
+        return None
+
+    def spent(self, seconds: float) -> None:
+        """The driver's model time for one step of this request (prefill until the first token)."""
+        if self.generated:
+            self.decode_seconds += seconds
+        else:
+            self.prefill_seconds += seconds
+
+    def feed(self, logits: np.ndarray) -> Chunk:
+        """float32 logits [vocab] predicting the next token (the prompt's last row, then each decode
+        step's) -> the chunk of the token chosen; its `finish_reason` is set when the request ends there,
+        else `next_token` is the token to feed next."""
+        start = time.perf_counter()
+        token = self._sampler(logits)
+        self.generated.append(token)
+        self.next_token = None
+        if token in self._stop_ids:
+            chunk = self._last(self._text.finish(), [token], "stop", start)
+        else:
+            piece, stopped = self._text.push(token)
+            if stopped:
+                chunk = self._last(piece, [token], "stop", start)
+            elif len(self.generated) == self.params.max_tokens:
+                chunk = self._last(piece + self._text.finish(), [token], "length", start)
+            else:
+                chunk, self.next_token = Chunk(piece, [token]), token
+                self.decode_seconds += time.perf_counter() - start
+        return chunk
+
+    def stats(self) -> Any:
+        """This request's runtime.GenerateStats (its prompt, new tokens, prefill and decode time)."""
+        from .runtime import GenerateStats  # noqa: PLC0415 (runtime imports this module lazily too)
+
+        return GenerateStats(len(self.prompt), len(self.generated), self.prefill_seconds, self.decode_seconds)
+
+    def _last(self, text: str, token_ids: list[int], reason: str, start: float | None = None) -> Chunk:
+        if start is not None:
+            self.decode_seconds += time.perf_counter() - start
+        self.finish_reason, self.next_token = reason, None
+        return Chunk(text, token_ids, reason)
+
+
 def generate(model: Any, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *,
              cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
     """Generate after `prompt_ids` with `model` (a loaded Decoder: prefill(ids) -> logits [n, vocab],
     decode(token) -> logits [vocab], max_seq_len, vocab_size). Checks the request now (UserError) and
     returns the chunks' iterator; `cancelled()` is asked before the prefill and every decode step.
     Timings of the run land in `model.last_stats` (a runtime.GenerateStats) before the last chunk."""
-    params.check()
-    prompt = [int(i) for i in prompt_ids]
-    if not prompt:
-        raise UserError("prompt: no tokens to start from (empty text)")
-    if len(prompt) + params.max_tokens > model.max_seq_len:
-        raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                        f"library's max_seq_len {model.max_seq_len}")
-    bad = [i for i in [*prompt, *params.stop_token_ids] if not 0 <= i < model.vocab_size]
-    if bad:
-        raise UserError(f"token id {bad[0]} is out of range 0..{model.vocab_size - 1} of {model.spec.name}")
-    stop_ids = set(tokenizer.eos_token_ids) | set(params.stop_token_ids)
-    return _chunks(model, prompt, params, stop_ids, _Text(tokenizer.stream(), params.stop), cancelled)
+    return _one_sequence(model, Generation(model, tokenizer, prompt_ids, params, cancelled=cancelled))
 
 
-def _chunks(model: Any, prompt: list[int], params: SamplingParams, stop_ids: set[int], text: _Text,
-            cancelled: Callable[[], bool]) -> Iterator[Chunk]:
-    from .runtime import GenerateStats  # noqa: PLC0415 (runtime imports this module lazily too)
+def _one_sequence(model: Any, generation: Generation) -> Iterator[Chunk]:
+    """`generation` driven alone on `model`'s prefill/decode (only this generator's time is counted)."""
+    def last(chunk: Chunk) -> Chunk:
+        model.last_stats = generation.stats()
+        return chunk
 
-    sampler = Sampler(params, prompt, model.vocab_size)
-    generated: list[int] = []
-    prefill_seconds = decode_seconds = 0.0  # time inside this generator only, not the consumer's
-
-    def last(piece: str, token_ids: list[int], reason: str) -> Chunk:
-        model.last_stats = GenerateStats(len(prompt), len(generated), prefill_seconds, decode_seconds)
-        return Chunk(piece, token_ids, reason)
-
-    if params.max_tokens == 0 or cancelled():
-        yield last("", [], "length" if params.max_tokens == 0 else "cancelled")
+    if (end := generation.ended()) is not None:
+        yield last(end)
         return
     start = time.perf_counter()
-    logits = model.prefill(prompt)[-1]
-    prefill_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    token = sampler(logits)
-    decode_seconds = time.perf_counter() - start
+    logits = model.prefill(generation.prompt)[-1]
+    generation.spent(time.perf_counter() - start)
     while True:
-        start = time.perf_counter()
-        generated.append(token)
-        if token in stop_ids:
-            decode_seconds += time.perf_counter() - start
-            yield last(text.finish(), [token], "stop")
+        chunk = generation.feed(logits)
+        if chunk.finish_reason is not None:
+            yield last(chunk)
             return
-        piece, stopped = text.push(token)
-        if stopped or len(generated) == params.max_tokens:
-            piece = piece if stopped else piece + text.finish()
-            decode_seconds += time.perf_counter() - start
-            yield last(piece, [token], "stop" if stopped else "length")
-            return
-        decode_seconds += time.perf_counter() - start
-        yield Chunk(piece, [token])
-        if cancelled():
-            yield last(text.finish(), [], "cancelled")
+        yield chunk
+        if (end := generation.ended()) is not None:
+            yield last(end)
             return
         start = time.perf_counter()
-        token = sampler(model.decode(token))
-        decode_seconds += time.perf_counter() - start
+        logits = model.decode(generation.next_token)
+        generation.spent(time.perf_counter() - start)
 
 
 def reply(model: Any, tokenizer: Tokenizer, prompt_ids: list[int], stream: bool, sampling: dict[str, Any]):

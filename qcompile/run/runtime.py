@@ -9,6 +9,7 @@ can load its code).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import tempfile
@@ -151,10 +152,6 @@ class Decoder(Library):
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = manifest["max_seq_len"]
         self.prefill_chunk = manifest["prefill_chunk"]
-        # The KV cache: per layer, K and V buffers of `slots` rows, allocated once and written in place by
-        # every call (position q in slot q % slots; a sliding layer keeps only its window). Never
-        # cleared: attention reads only the slots written since position 0.
-        self._cache = self._new_cache()
         self.position = 0  # tokens in the current sequence (0: none started)
         self.last_stats: GenerateStats | None = None  # of the last generate()
         self.last_prompt_logits: np.ndarray | None = None  # [prompt_len, vocab] of the last generate()
@@ -181,6 +178,14 @@ class Decoder(Library):
                                                        tvm_ffi.Shape([self.position]), self._cache, self._params)
         self.position += ids.size
         return self._numpy(logits)
+
+    @functools.cached_property
+    def _cache(self) -> Any:
+        """The KV cache: per layer, K and V buffers of `slots` rows, allocated at the first call (a server
+        batching through `run.batch` never makes one) and written in place by every call (position q in
+        slot q % slots; a sliding layer keeps only its window). Never cleared: attention reads only the
+        slots written since position 0."""
+        return self._new_cache()
 
     def _new_cache(self) -> Any:
         """The KV cache buffers on the device, uninitialised (what the entry points take and write)."""

@@ -2,10 +2,11 @@
 decoder, and /health.
 
 A generation request is checked completely before it is queued (body, model name, prompt length against
-the context, sampling values: any problem is a 400), then becomes a `Job` on the model's worker
-(`queue.ModelWorker`; a full queue is a 429 with Retry-After). Its chunks come back as one JSON response
-or, with `stream: true`, as server-sent events in OpenAI's chunk format ending with `data: [DONE]`. A
-client that goes away cancels its job, which frees the model before the next decode step.
+the context and the KV budget, sampling values: any problem is a 400), then becomes a `Job` on the
+model's worker (`queue.ModelWorker`, which runs the requests in a continuous batch; a full queue is a 429
+with Retry-After). Its chunks come back as one JSON response or, with `stream: true`, as server-sent
+events in OpenAI's chunk format ending with `data: [DONE]`. A client that goes away cancels its job,
+which frees its place in the batch before the next step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..run.generation import Chunk, generate
+from ..run.batching import Engine
+from ..run.generation import Chunk, Generation
 from ..run.tokenizer import Tokenizer
 from . import protocol
 from .errors import APIError, bad_request
@@ -64,15 +66,15 @@ async def _whole(request: Request, job: Job, reply: protocol.Reply, prompt_token
     finally:
         watcher.cancel()
         job.cancel()  # a no-op once the job has ended
-    if not chunks:  # skipped before it ran: its client left, or the server is stopping
-        raise APIError(503, "the request was cancelled before it ran (the server is stopping)")
+    if not chunks or chunks[-1].finish_reason == "cancelled":  # its client left, or the server is stopping
+        raise APIError(503, "the request was cancelled (the server is stopping)")
     counts = protocol.usage(prompt_tokens, sum(len(c.token_ids) for c in chunks))
     return JSONResponse(reply.response("".join(c.text for c in chunks), chunks[-1].finish_reason, counts))
 
 
 async def _events(job: Job, reply: protocol.Reply, prompt_tokens: int) -> AsyncIterator[str]:
     """The streaming answer. Starlette cancels this generator when the client disconnects; the
-    `finally` then cancels the job, so the model is free before its next decode step."""
+    `finally` then cancels the job, so its place in the batch is free before the next step."""
     try:
         if (opening := reply.opening_chunk()) is not None:
             yield _event(opening)
@@ -94,15 +96,17 @@ async def _events(job: Job, reply: protocol.Reply, prompt_tokens: int) -> AsyncI
         job.cancel()  # a no-op once the job has ended
 
 
-def create_app(model: Any, tokenizer: Tokenizer, *, model_name: str | None = None, queue_size: int = 16) -> FastAPI:
-    """The app serving `model` (a loaded `runtime.Decoder`) with `tokenizer`, under `model_name` (default:
-    the library's model name); at most `queue_size` requests wait while one runs. The model's worker
-    thread starts and stops with the app (its lifespan)."""
-    if tokenizer.vocab_size > model.vocab_size:
+def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str | None = None,
+               queue_size: int = 16) -> FastAPI:
+    """The app serving `engine` (an engine over a loaded decoder: `run.batching.engine_for`) with
+    `tokenizer`, under `model_name` (default: the library's model name); at most `queue_size` requests
+    wait beyond the batch's free places. The model's worker thread starts and stops with the app (its
+    lifespan)."""
+    if tokenizer.vocab_size > engine.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                        f"{model.vocab_size}: the checkpoint's tokenizer files belong to another model")
-    name = model_name or model.spec.name
-    worker = ModelWorker(queue_size)
+                        f"{engine.vocab_size}: the checkpoint's tokenizer files belong to another model")
+    name = model_name or engine.spec.name
+    worker = ModelWorker(engine, queue_size)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -130,13 +134,14 @@ def create_app(model: Any, tokenizer: Tokenizer, *, model_name: str | None = Non
 
     def card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": started, "owned_by": "qcompile",
-                "max_model_len": model.max_seq_len}
+                "max_model_len": engine.max_seq_len}
 
     @app.get("/health")
     async def health() -> JSONResponse:
         alive = worker.alive()
         return JSONResponse({"status": "ok" if alive else "worker stopped", "model": name,
-                             "queue": worker.snapshot()}, status_code=200 if alive else 503)
+                             "queue": worker.snapshot(), "batch": engine.snapshot()},
+                            status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -157,13 +162,15 @@ def create_app(model: Any, tokenizer: Tokenizer, *, model_name: str | None = Non
             prompt_ids = body.prompt_ids(tokenizer)
         except UserError as e:  # e.g. a chat template that cannot render these messages
             raise bad_request(str(e), param=body.prompt_field) from None
-        params = body.sampling(prompt_tokens=len(prompt_ids), max_seq_len=model.max_seq_len)
-        try:  # generate() checks the values and the prompt's ids before any model work
-            job = Job(lambda cancelled: generate(model, tokenizer, prompt_ids, params, cancelled=cancelled))
+        params = body.sampling(prompt_tokens=len(prompt_ids), max_seq_len=engine.max_seq_len)
+        try:  # Generation checks the values and the prompt's ids before any model work
+            job = Job(lambda cancelled: Generation(engine, tokenizer, prompt_ids, params, cancelled=cancelled))
         except UserError as e:
             raise bad_request(str(e)) from None
         try:
             worker.submit(job)
+        except UserError as e:  # more KV cache than the server has
+            raise bad_request(str(e), param="max_tokens", code="context_length_exceeded") from None
         except QueueFull as e:
             raise APIError(429, str(e), code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after)}) from None

@@ -1,11 +1,12 @@
-"""The bounded admission queue and the one worker thread that owns the model.
+"""The bounded admission queue and the worker thread that owns the model.
 
-The runtime runs one sequence at a time and its calls block, so the model lives on one thread: requests
-become `Job`s, wait in a bounded FIFO, and run one after another. The event loop never blocks on the
-model: submitting is a short locked append (or an immediate `QueueFull`, answered 429), and what a job
-produces travels back to the loop through `call_soon_threadsafe` into an asyncio queue the request's
-handler reads. A job is cancelled by its handler when the client goes away: a waiting job is skipped,
-a running one sees it in its `cancelled()` callback (checked before every decode step) and stops.
+The model's engine runs on one thread: its `run.batching.Scheduler` steps every running request at once
+(continuous batching: a request joins at the next step and leaves when done). Requests become `Job`s;
+submitting is a short locked append to the scheduler's FIFO (or an immediate `QueueFull`, answered 429,
+when `queue_size` requests already wait beyond the batch's free places), so the event loop never blocks
+on the model. What a job produces travels back to the loop through `call_soon_threadsafe` into an asyncio
+queue the request's handler reads. A job is cancelled by its handler when the client goes away: a
+waiting job is answered without reaching the model, a running one leaves the batch before the next step.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import dataclasses
 import logging
 import math
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from ..run.batching import Engine, Scheduler
+from ..run.generation import Chunk, Generation
 
 log = logging.getLogger("qcompile.serve")
 
-# How a job starts: given its cancelled() callback, the iterable of the items it produces. Called at
-# once, on the caller's thread, so it must only check and set up (e.g. generation.generate(), which
-# checks the request and returns a lazy iterator); iterating it, the model's work, runs on the worker.
-Start = Callable[[Callable[[], bool]], Iterable[Any]]
+# How a job's generation is made: given the job's cancelled() callback, the checked `Generation` (its
+# checks raise UserError on the caller's thread, before the job is queued).
+Start = Callable[[Callable[[], bool]], Generation]
 
 _END = object()  # the last item of every job's output
 
@@ -51,17 +53,18 @@ class Job:
         self._loop = asyncio.get_running_loop()
         self._output: asyncio.Queue[Any] = asyncio.Queue()
         self._cancelled = threading.Event()
-        self._items = start(self.is_cancelled)  # its checks raise here, before the job is queued
+        self.generation = start(self.is_cancelled)  # its checks raise here, before the job is queued
 
     def cancel(self) -> None:
-        """Stop as soon as possible: skipped if still waiting, stopped at the next step if running."""
+        """Stop as soon as possible: answered without model work if still waiting, out of the batch
+        before the next step if running."""
         self._cancelled.set()
 
     def is_cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    async def output(self) -> AsyncIterator[Any]:
-        """The items the work produced, in order; the work's exception, if it raised, at the end."""
+    async def output(self) -> AsyncIterator[Chunk]:
+        """The chunks the work produced, in order; the work's exception, if it failed, at the end."""
         while (item := await self._output.get()) is not _END:
             if isinstance(item, _Failure):
                 raise item.error
@@ -73,20 +76,6 @@ class Job:
             self._loop.call_soon_threadsafe(self._output.put_nowait, item)
         except RuntimeError:
             self.cancel()
-
-    def _run(self) -> str:
-        """Run the work to its end, handing over every item but the end marker; the outcome for Counts:
-        "completed", "cancelled" (it saw cancel() before its end) or "failed"."""
-        if self.is_cancelled():
-            return "cancelled"
-        try:
-            for item in self._items:
-                self._put(item)
-        except Exception as e:  # reported to the request's handler, which answers it; the worker lives on
-            log.exception("generation failed")
-            self._put(_Failure(e))
-            return "failed"
-        return "cancelled" if self.is_cancelled() else "completed"
 
 
 @dataclasses.dataclass
@@ -100,15 +89,16 @@ class Counts:
 
 
 class ModelWorker:
-    """Runs jobs one at a time on its own thread; at most `queue_size` jobs wait beside the running one."""
+    """Runs jobs in a continuous batch over `engine` on its own thread; at most `queue_size` jobs wait
+    beyond the batch's free places."""
 
-    def __init__(self, queue_size: int):
+    def __init__(self, engine: Engine, queue_size: int):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        self.queue_size = queue_size
+        self.engine, self.queue_size = engine, queue_size
         self.counts = Counts()
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
+        self.scheduler = Scheduler(engine)
+        self._jobs: set[Job] = set()  # submitted and not yet ended
         self._recent_seconds: collections.deque[float] = collections.deque([1.0], maxlen=16)
         self._lock = threading.Condition()
         self._stopping = False
@@ -121,56 +111,72 @@ class ModelWorker:
         return self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job and every waiting one, and end the thread."""
+        """Cancel every running and waiting job, and end the thread (it answers them first)."""
         with self._lock:
             self._stopping = True
-            for job in [*self._waiting, *([self._running] if self._running else [])]:
+            for job in self._jobs:
                 job.cancel()
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
-        """Queue `job` (FIFO), or raise QueueFull at once when queue_size jobs already wait."""
+        """Queue `job` (FIFO), or raise QueueFull at once when queue_size jobs already wait beyond the
+        batch's free places; a UserError when the job could never fit the engine (see Scheduler.submit)."""
         with self._lock:
+            waiting, running = self.scheduler.counts()
             if self._stopping:
-                raise QueueFull(len(self._waiting), self._retry_after())
-            busy = len(self._waiting) + (self._running is not None)
-            if busy > self.queue_size:
+                raise QueueFull(waiting, self._retry_after(waiting))
+            if waiting >= self.queue_size + max(0, self.engine.max_batch - running):
                 self.counts.rejected += 1
-                raise QueueFull(len(self._waiting), self._retry_after())
-            self._waiting.append(job)
+                raise QueueFull(waiting, self._retry_after(waiting))
+            self.scheduler.submit(job.generation, self._deliverer(job))
+            self._jobs.add(job)
             self._lock.notify()
 
     def snapshot(self) -> dict[str, Any]:
+        """The requests waiting and running, and the counts (the batch itself: engine.snapshot())."""
         with self._lock:
-            return {"waiting": len(self._waiting), "running": int(self._running is not None),
-                    "queue_size": self.queue_size, **dataclasses.asdict(self.counts)}
+            waiting, running = self.scheduler.counts()
+            return {"waiting": waiting, "running": running, "queue_size": self.queue_size,
+                    **dataclasses.asdict(self.counts)}
 
-    def _retry_after(self) -> int:
-        """Seconds until a place is likely free: the recent mean job time times the jobs ahead (>= 1)."""
+    def _retry_after(self, waiting: int) -> int:
+        """Seconds until a place is likely free: the recent mean request time for each batch of requests
+        ahead (>= 1)."""
         mean = sum(self._recent_seconds) / len(self._recent_seconds)
-        return max(1, math.ceil(mean * (len(self._waiting) + 1)))
+        return max(1, math.ceil(mean * (waiting // max(1, self.engine.max_batch) + 1)))
 
-    def _next(self) -> Job | None:
-        with self._lock:
-            while not self._waiting and not self._stopping:
-                self._lock.wait()
-            if self._stopping:
-                for job in self._waiting:
-                    job._put(_END)  # their handlers finish (they were cancelled by stop())
-                self._waiting.clear()
-                return None
-            self._running = self._waiting.popleft()
-            return self._running
-
-    def _serve(self) -> None:
-        while (job := self._next()) is not None:
-            start = time.perf_counter()
-            outcome = job._run()
-            with self._lock:  # counted before the handler hears the end, so /health agrees with clients
-                self._running = None
+    def _deliverer(self, job: Job) -> Callable[[Chunk | Exception], None]:
+        """The scheduler's `deliver` for `job`: chunks to its handler; at its end, the outcome counted
+        (before the handler hears the end, so /health agrees with clients) and the end marker."""
+        def deliver(item: Chunk | Exception) -> None:
+            if isinstance(item, Chunk) and item.finish_reason is None:
+                job._put(item)
+                return
+            if isinstance(item, Exception):  # reported to the request's handler, which answers it
+                log.error("generation failed", exc_info=item)
+                job._put(_Failure(item))
+                outcome = "failed"
+            else:
+                job._put(item)
+                outcome = "cancelled" if item.finish_reason == "cancelled" else "completed"
+            with self._lock:
+                self._jobs.discard(job)
                 setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)
                 if outcome == "completed":
-                    self._recent_seconds.append(time.perf_counter() - start)
+                    self._recent_seconds.append(job.generation.prefill_seconds + job.generation.decode_seconds)
             job._put(_END)
+        return deliver
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while self.scheduler.idle() and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    break
+            if not self.scheduler.step():  # nothing could run yet (cannot last: see Scheduler.submit)
+                with self._lock:
+                    self._lock.wait(0.01)
+        self.scheduler.step()  # stop() cancelled every job: one step answers them all, no model work
