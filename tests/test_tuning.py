@@ -30,9 +30,9 @@ from qcompile.spec.model import resolve_model
 from tests.conftest import CPU_TOLERANCE, max_rel_diff
 
 MODEL = "qwen2-debug"
-# Three of the six projections (+ bias/residual epilogues), each tuned kernel costs ~15 s: decode's qkv (4) and
-# down (7), and the prefill bucket's qkv (8). The numbers follow the exported graph; test_tuning_writes_...
-# checks that both decode and the bucket are among them.
+# Three of the six projections (+ bias/residual epilogues; every kernel tuned is a search of its own): decode's
+# qkv (4) and down (7), and the prefill bucket's qkv (8). The numbers follow the exported graph;
+# test_tuning_writes_... checks that both decode and the bucket are among them.
 KERNELS = "fused_rows16_matmul[478]_add*"
 TRIALS = 4
 
