@@ -55,7 +55,9 @@ def test_missing_library_dir_and_manifest(tmp_path, debug_checkpoint):
 def test_manifest_describes_the_build(debug_library):
     m = json.loads((debug_library / "manifest.json").read_text())
     assert m["model"]["name"] == "qwen2-debug" and m["dtype"] == "float32" and m["max_seq_len"] == 64
-    assert set(m["functions"]) == {"prefill", "prefill_64", "decode"}
+    assert set(m["functions"]) == {"prefill", "prefill_64", "decode", "batch_step"}
+    assert m["batch"] == {"function": "batch_step", "page_tokens": 16, "max_pages": 4}  # 64 positions
+    assert m["functions"]["batch_step"]["output"][0] == {"shape": ["b", 256], "dtype": "float32"}
     assert m["functions"]["prefill"]["inputs"]["input_ids"] == {"shape": ["n"], "dtype": "int32"}
     assert m["buckets"] == {"function": "prefill", "dim": "n", "sizes": [64]}  # the chunk, static
     assert m["functions"]["prefill_64"]["inputs"]["input_ids"] == {"shape": [64], "dtype": "int32"}
