@@ -45,10 +45,12 @@ RULE_ATTR = "qcompile.cpu_rule"  # block annotation: which rule scheduled the ke
 GEMV_ROWS = 4  # output rows per register block (4 rows x lanes partial sums live in vector registers)
 GEMM_TILE = (4, 4)  # (input rows, weight rows) per register tile: 16 accumulators of GEMM_LANES lanes
 GEMM_LANES = 8
-# Input rows per register tile of the packed rule (x `vectors` 16-wide accumulators), by vector registers:
-# AVX-512's 32 hold 8 x 2 accumulators beside the weights; AVX2's 16 hold 6 (a 16-wide run is two).
-# (Measured, qwen2-0.5b prefill of 128 on a 2-core AVX-512 Xeon: 744-780 ms with 8 rows, 952-998 with 6.)
-ROWS16_TILE_ROWS = {16: 8, 8: 6}
+# Input rows per register tile of the packed rule (x `vectors` 16-wide accumulators): 6 (AVX2's 16 vector
+# registers hold 6 x a 16-wide run of two); with AVX-512's 32 and a static row count (the prefill bucket,
+# the ViT), 8. (Measured, qwen2-0.5b prefill of 128, 2-core AVX-512 Xeon: 744-780 ms with 8 rows, 952-998
+# with 6.) A symbolic row count (a batch step of a few sequences) keeps 6: each row of a tile past the
+# count is a predicated-off row, and batch steps of 1 ran 10% slower with 8.
+ROWS16_TILE_ROWS, ROWS16_TILE_ROWS_AVX512_STATIC = 6, 8
 # The product block of a packed weight's kernel (quant.kernels.matmul).
 DEQUANTIZE_BLOCK = "dequantize_matmul"
 NIBBLE_AXIS = "nibble"  # its q4 reduction axis over a byte's two nibbles
@@ -258,7 +260,9 @@ def rows16(func: Any, target: Any) -> Any | None:
     # Two 16-wide runs per tile where a register holds 16 floats (6 x 2 accumulators of 32 registers);
     # one on narrower units (AVX2: a run is two registers already).
     vectors = 2 if vector_lanes(target) >= 16 and n % (2 * PACK_LANES) == 0 else 1
-    tile_rows = 1 if _const(sch.get(rows).extent) == 1 else ROWS16_TILE_ROWS.get(vector_lanes(target), 6)
+    row_count = _const(sch.get(rows).extent)
+    tile_rows = 1 if row_count == 1 else ROWS16_TILE_ROWS_AVX512_STATIC \
+        if row_count is not None and vector_lanes(target) >= 16 else ROWS16_TILE_ROWS
     col_outer, col_vector, col_lane = sch.split(column, [None, vectors, PACK_LANES])
     row_outer, row_inner = sch.split(rows, [None, tile_rows])
     sch.reorder(*batch, col_outer, row_outer, depth, row_inner, col_vector, col_lane)
