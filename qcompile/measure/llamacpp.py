@@ -304,18 +304,23 @@ def _quantize(found: Tools, f32: Path, target: Path, quant: str) -> None:
 
 # --- the measurement (in the bench's child process) ------------------------------------------------
 
-def run_bench(*, llama_bench: str, gguf: str, prompt_len: int, decode_tokens: int, repeats: int,
-              threads: int) -> dict[str, Any]:
-    """llama-bench's figures in the bench's terms, with llama-bench's own peak RSS."""
-    command = [llama_bench, "-m", gguf, "-p", str(prompt_len), "-n", str(decode_tokens), "-t", str(threads),
-               "-r", str(repeats), "-o", "json"]
+def _run_tool(command: list[str], name: str, gguf: str | Path) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool on `gguf` within BENCH_TIMEOUT; a one-line UserError if it fails."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BENCH_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
-        raise UserError(f"llama-bench did not finish in {BENCH_TIMEOUT} s") from None
+        raise UserError(f"{name} did not finish in {BENCH_TIMEOUT} s") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"llama-bench failed on {gguf}: {last}")
+        raise UserError(f"{name} failed on {gguf}: {last}")
+    return done
+
+
+def run_bench(*, llama_bench: str, gguf: str, prompt_len: int, decode_tokens: int, repeats: int,
+              threads: int) -> dict[str, Any]:
+    """llama-bench's figures in the bench's terms, with llama-bench's own peak RSS."""
+    done = _run_tool([llama_bench, "-m", gguf, "-p", str(prompt_len), "-n", str(decode_tokens),
+                      "-t", str(threads), "-r", str(repeats), "-o", "json"], "llama-bench", gguf)
     figures = parse_bench_json(done.stdout, prompt_len=prompt_len, decode_tokens=decode_tokens)
     # This process's only child was llama-bench, so the children's peak RSS is its own. (The kernel
     # carries the spawning process's peak across exec, so it is at least this Python's: ~40 MB.)
@@ -330,16 +335,9 @@ def run_batched_bench(*, tool: Path, gguf: Path, prompt_len: int, decode_tokens:
     prompts), "decode_tokens_per_s" (aggregate over the B sequences)}. Its defaults stay (f16 KV cache,
     flash attention auto), as for llama-bench."""
     context = max(streams) * (prompt_len + decode_tokens)
-    command = [str(tool), "-m", str(gguf), "-c", str(context), "-b", "2048", "-ub", "512", "-npp", str(prompt_len),
-               "-ntg", str(decode_tokens), "-npl", ",".join(map(str, streams)), "-t", str(threads),
-               "--output-format", "jsonl"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=BENCH_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"llama-batched-bench did not finish in {BENCH_TIMEOUT} s") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"llama-batched-bench failed on {gguf}: {last}")
+    done = _run_tool([str(tool), "-m", str(gguf), "-c", str(context), "-b", "2048", "-ub", "512",
+                      "-npp", str(prompt_len), "-ntg", str(decode_tokens), "-npl", ",".join(map(str, streams)),
+                      "-t", str(threads), "--output-format", "jsonl"], BATCHED_BENCH, gguf)
     rows = [json.loads(line) for line in (done.stdout + done.stderr).splitlines() if line.startswith('{"n_kv_max"')]
     if sorted(r["pl"] for r in rows) != sorted(streams):
         raise UserError(f"llama-batched-bench printed results for {[r['pl'] for r in rows]}, asked {streams}")
