@@ -220,7 +220,7 @@ def serve(library: str | os.PathLike, *, weights: str | os.PathLike, host: str =
     OpenAI-compatible HTTP API on HOST:PORT (port 0: any free port) until interrupted. Requests run in a
     continuous batch of at most MAX_BATCH sequences whose KV cache fits KV_BUDGET (bytes, or a size such
     as "2GB"; None: room for MAX_BATCH sequences of the library's max_seq_len, at most 2 GiB but always
-    room for one: `run.batching.default_kv_budget`);
+    room for one: `run.batch.default_kv_budget`);
     at most QUEUE_SIZE requests wait beyond the batch's free places, more are refused with 429. A library
     without the batched entry point (split or pipelined) serves one sequence at a time. MODEL_NAME: the
     id clients use (default: the library's model name)."""

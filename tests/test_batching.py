@@ -15,7 +15,8 @@ import pytest
 import tokenizers
 
 from qcompile.errors import UserError
-from qcompile.run.batching import DEFAULT_KV_CAP_BYTES, Scheduler, SequentialEngine, default_kv_budget, engine_for
+from qcompile.run.batch import DEFAULT_KV_CAP_BYTES, default_kv_budget
+from qcompile.run.batching import Scheduler, SequentialEngine, engine_for
 from qcompile.run.generation import Chunk, Generation, SamplingParams, generate
 from qcompile.run.tokenizer import Tokenizer
 

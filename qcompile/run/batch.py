@@ -46,6 +46,20 @@ def token_bytes(manifest: dict[str, Any]) -> dict[str, int]:
     return {"full": row * full, "window": row * (len(cache["layers"]) - full)}
 
 
+# The KV budget when none is given is capped here: room for max_batch sequences of a long context can be
+# far more memory than short requests need (a request reserves only its prompt + max_tokens).
+DEFAULT_KV_CAP_BYTES = 2 * 2 ** 30
+
+
+def default_kv_budget(decoder: Any, max_batch: int) -> int:
+    """Bytes of KV cache for `max_batch` sequences of the library's max_seq_len (its full-attention
+    layers, in whole pages), capped at DEFAULT_KV_CAP_BYTES but never below one such sequence, so every
+    request the context allows can run."""
+    batch = decoder.manifest["batch"]
+    sequence = token_bytes(decoder.manifest)["full"] * batch["page_tokens"] * batch["max_pages"]
+    return max(sequence, min(max_batch * sequence, DEFAULT_KV_CAP_BYTES))
+
+
 class PagePool:
     """Free pages of one pool size (page numbers 0 .. pages-1)."""
 
@@ -67,9 +81,9 @@ class PagePool:
 class BatchEngine:
     """Up to `max_batch` sequences over one loaded `runtime.Decoder`'s library and weights.
 
-    `kv_budget_bytes` bounds the full-attention layers' pools (default: max_batch sequences of
-    max_seq_len); the sliding layers' pools are sized for max_batch windows. `step_tokens`, the most
-    tokens one step takes, is the library's prefill chunk."""
+    `kv_budget_bytes` bounds the full-attention layers' pools (default: `default_kv_budget`); the
+    sliding layers' pools are sized for max_batch windows. `step_tokens`, the most tokens one step
+    takes, is the library's prefill chunk."""
 
     def __init__(self, decoder: Any, *, max_batch: int = 8, kv_budget_bytes: int | None = None):
         batch = decoder.manifest.get("batch")
@@ -89,13 +103,12 @@ class BatchEngine:
         # Sliding pages are kept for the widest window (the families give all sliding layers one).
         self.window = max((w for w in self._windows if w is not None), default=None)
         self.page_bytes = {kind: b * self.page_tokens for kind, b in token_bytes(decoder.manifest).items()}
-        full_pages = max_batch * self.max_pages
-        if kv_budget_bytes is not None:
-            if self.page_bytes["full"] and kv_budget_bytes < self.page_bytes["full"]:
-                raise UserError(f"--kv-budget {kv_budget_bytes} bytes is less than one page of the KV cache "
-                                f"({self.page_bytes['full']} bytes: {self.page_tokens} tokens of every layer)")
-            full_pages = kv_budget_bytes // max(self.page_bytes["full"], 1)
-        self._full = PagePool(full_pages if self.page_bytes["full"] else 1)
+        if kv_budget_bytes is None:
+            kv_budget_bytes = default_kv_budget(decoder, max_batch)
+        if self.page_bytes["full"] and kv_budget_bytes < self.page_bytes["full"]:
+            raise UserError(f"--kv-budget {kv_budget_bytes} bytes is less than one page of the KV cache "
+                            f"({self.page_bytes['full']} bytes: {self.page_tokens} tokens of every layer)")
+        self._full = PagePool(kv_budget_bytes // self.page_bytes["full"] if self.page_bytes["full"] else 1)
         self._window = PagePool(max_batch * self._window_pages_per_sequence() if self.window else 1)
         rt = tvm_runtime.runtime()
         self._pools = []

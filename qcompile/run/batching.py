@@ -220,30 +220,12 @@ class SequentialEngine:
         return {"sequences": int(self._seq is not None), "max_batch": 1, "engine": "sequential"}
 
 
-# The KV budget when none is given is capped here: room for max_batch sequences of a long context can be
-# far more memory than short requests need (a request reserves only its prompt + max_tokens).
-DEFAULT_KV_CAP_BYTES = 2 * 2 ** 30
-
-
-def default_kv_budget(decoder: Any, max_batch: int) -> int:
-    """Bytes of KV cache for `max_batch` sequences of the library's max_seq_len (its full-attention
-    layers, in whole pages), capped at DEFAULT_KV_CAP_BYTES but never below one such sequence, so every
-    request the context allows can run."""
-    from .batch import token_bytes  # noqa: PLC0415 (the TVM runtime's side)
-
-    batch = decoder.manifest["batch"]
-    sequence = token_bytes(decoder.manifest)["full"] * batch["page_tokens"] * batch["max_pages"]
-    return max(sequence, min(max_batch * sequence, DEFAULT_KV_CAP_BYTES))
-
-
 def engine_for(decoder: Any, *, max_batch: int = 8, kv_budget_bytes: int | None = None) -> Engine:
     """The batched engine over `decoder`'s library when it has the batched entry point (`batch` in its
-    manifest), with `kv_budget_bytes` of KV cache (None: `default_kv_budget`); else the sequential one
+    manifest), with `kv_budget_bytes` of KV cache (None: `run.batch.default_kv_budget`); else the sequential one
     (max_batch 1: split or pipelined libraries, or ones built before batching)."""
     if not decoder.manifest.get("batch"):
         return SequentialEngine(decoder)
     from .batch import BatchEngine  # noqa: PLC0415 (the TVM runtime's side)
 
-    if kv_budget_bytes is None:
-        kv_budget_bytes = default_kv_budget(decoder, max_batch)
     return BatchEngine(decoder, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes)
