@@ -52,10 +52,6 @@ class TimedEngine:
         return out
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
 def run_streams(model: Any, tokenizer: Tokenizer, streams: int, requests: int, prompt_len: int,
                 new_tokens: int, seed: int) -> dict[str, Any]:
     """`streams` clients x `requests` requests each through one Scheduler; the figures above."""
@@ -98,8 +94,8 @@ def run_streams(model: Any, tokenizer: Tokenizer, streams: int, requests: int, p
     return {"streams": streams, "requests": len(done), "new_tokens": sum(r["tokens"] for r in done),
             "decode_tokens_per_s": decode_tokens / decode_seconds,
             "end_to_end_tokens_per_s": sum(r["tokens"] for r in done) / wall,
-            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "latency_p50": percentile(latency, 50), "latency_p99": percentile(latency, 99)}
+            "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p99": float(np.percentile(ttft, 99)),
+            "latency_p50": float(np.percentile(latency, 50)), "latency_p99": float(np.percentile(latency, 99))}
 
 
 def llama_cpp_rows(model: Any, weights: Path, streams: list[int], prompt_len: int, new_tokens: int,
@@ -143,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-llama-cpp", action="store_true", help="qcompile only")
     p.add_argument("--out", type=Path, help="also write the table (and the command) to this file, atomically")
     args = p.parse_args(argv)
+    for name in ("requests", "prompt_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            print(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
     try:
         streams = [int(s) for s in args.streams.split(",")]
         if not streams or min(streams) < 1:

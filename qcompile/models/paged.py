@@ -111,7 +111,7 @@ def paged_write(k_pool: Tensor, v_pool: Tensor, k_new: Tensor, v_new: Tensor, po
     """Write each token's key and value (k_new, v_new [n, kv, d]) into its page of the pools
     [pages, PAGE_TOKENS, kv, d], in place. Every token has its own (sequence, position), so every entry is
     written at most once whatever the threads' order. Returns the pools (the same memory)."""
-    _, page_tokens, kv_heads, head_dim = (int(x) if i else x for i, x in enumerate(k_pool.shape))
+    page_tokens, kv_heads, head_dim = (int(x) for x in k_pool.shape[1:])  # the page count is symbolic
     dtype = k_pool.dtype
 
     @T.prim_func(private=True, s_tir=True)
